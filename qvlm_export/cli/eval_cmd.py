@@ -1,0 +1,43 @@
+"""``qvlm-export eval``: task accuracy per question type of a model, quant state or bundle."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: embedded model)")] = None,
+    data: Annotated[str, typer.Option(help="JSONL manifest or builtin:eval / builtin:calib / builtin:eval:N")] = "builtin:eval",
+    quant: Annotated[str | None, typer.Option(help="quant-state directory: evaluate the simulated quantized model")] = None,
+    bundle: Annotated[str | None, typer.Option(help="ONNX bundle directory: evaluate on ONNX Runtime")] = None,
+    engines: Annotated[str | None, typer.Option(help="TensorRT engine directory")] = None,
+    mode: Annotated[str, typer.Option(help="ONNX Runtime session mode for --bundle: faithful | fast")] = "faithful",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="write {overall, by_type, n} here")] = None,
+) -> None:
+    """Greedy exact-match accuracy, per question type and overall."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data.manifest import load_dataset
+    from ..evaluate.accuracy import evaluate
+    from ..evaluate.backends import make_answerer
+
+    samples = load_dataset(data, limit=limit)
+    answerer, info = make_answerer(model=model, quant=quant, bundle=bundle, engines=engines, mode=mode)
+    result = evaluate(answerer, samples, batch_size=batch_size)
+    table = Table(title=f"accuracy ({info.get('backend', '?')}, setting {info.get('setting', 'fp')})")
+    table.add_column("question type")
+    table.add_column("accuracy", justify="right")
+    for qtype, acc in result.by_type.items():
+        table.add_row(qtype, f"{acc:.4f}")
+    table.add_row("overall", f"{result.overall:.4f}", style="bold")
+    Console().print(table)
+    if json_out:
+        result.write_json(json_out)

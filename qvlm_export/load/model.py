@@ -1,0 +1,82 @@
+"""Loading a local Hugging Face LLaVA-family directory, exactly as users load llava-hf models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import QvlmError
+
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava-shapes"
+LLAVA_FAMILY = {"llava"}
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The model directory to use: ``model`` if given, else the embedded default."""
+    path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
+    if not path.exists():
+        raise QvlmError(f"model path {str(path)!r} does not exist; pass --model with a local Hugging Face directory")
+    if not path.is_dir():
+        raise QvlmError(f"model path {str(path)!r} is a file; pass --model with a Hugging Face model directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QvlmError(f"{str(path)!r} has no config.json; it is not a Hugging Face model directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise QvlmError(f"{config_file} is not valid JSON ({exc.msg}); re-save the model") from None
+    if model_type not in LLAVA_FAMILY:
+        raise QvlmError(
+            f"{str(path)!r} is a {model_type!r} model, not a LLaVA-family model "
+            f"(config.json model_type must be one of {sorted(LLAVA_FAMILY)})"
+        )
+    return path
+
+
+@dataclass
+class LoadedVLM:
+    """A model, its processor, and where they came from."""
+
+    model: Any  # transformers.LlavaForConditionalGeneration
+    processor: Any  # transformers.LlavaProcessor
+    path: Path
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedVLM:
+    """Load processor and model through AutoProcessor / LlavaForConditionalGeneration."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(model)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        vlm = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QvlmError(f"could not load the model in {str(path)!r}: {first}") from None
+    processor.tokenizer.padding_side = "left"
+    return LoadedVLM(model=vlm.to(device).eval(), processor=processor, path=path)
+
+
+def build_prompt(processor, question: str) -> str:
+    """The model's own chat format for one image and one question."""
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    image_token = getattr(processor, "image_token", "<image>")
+    return f"USER: {image_token}\n{question} ASSISTANT:"

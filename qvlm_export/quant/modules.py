@@ -1,0 +1,102 @@
+"""Which Linears get quantized, and the simulated QuantLinear that replaces them.
+
+Module names follow transformers 5's LLaVA layout:
+``model.vision_tower.encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, mlp.fc1, mlp.fc2}``,
+``model.multi_modal_projector.linear_{1,2}``,
+``model.language_model.layers.{i}.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``
+and ``lm_head``. Embeddings and norms stay in floating point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .recipe import QuantRecipe
+from .state import LayerQuant, QuantState
+
+COMPONENT_PREFIXES = {
+    "vision_tower": "model.vision_tower.",
+    "projector": "model.multi_modal_projector.",
+    "language_model": "model.language_model.",
+}
+
+
+def component_of(name: str) -> str | None:
+    """``vision_tower`` | ``projector`` | ``language_model`` | ``lm_head`` | None."""
+    if name == "lm_head":
+        return "lm_head"
+    for comp, prefix in COMPONENT_PREFIXES.items():
+        if name.startswith(prefix):
+            return comp
+    return None
+
+
+def quantizable_linears(model: nn.Module, recipe: QuantRecipe) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, Linear) of every Linear the recipe quantizes, in module order."""
+    enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and component_of(name) in enabled:
+            yield name, module
+
+
+def rtn_layer(weight: torch.Tensor, recipe: QuantRecipe, input_scale: torch.Tensor | None = None,
+              clip_ratio: float | torch.Tensor = 1.0) -> LayerQuant:
+    """Round-to-nearest quantization of one weight with the recipe's granularity."""
+    w = recipe.weights
+    scale, zp = F.choose_qparams(weight.float(), w.bits, w.symmetric, w.granularity, w.group_size, clip_ratio)
+    codes = F.quantize(weight.float(), scale, zp, w.bits, w.symmetric, w.granularity, w.group_size)
+    return LayerQuant(weight_codes=codes.to(torch.int8), weight_scale=scale.float(), weight_zero_point=zp,
+                      weight_bits=w.bits, granularity=w.granularity, group_size=w.group_size,
+                      symmetric=w.symmetric, input_scale=input_scale, act_bits=recipe.activations.bits)
+
+
+def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """Symmetric per-tensor static scale for an activation with the given absolute maximum."""
+    _, qmax = F.qrange(bits, True)
+    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / qmax
+
+
+class QuantLinear(nn.Module):
+    """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight)."""
+
+    def __init__(self, layer: LayerQuant, bias: torch.Tensor | None):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("weight", layer.dequantized_weight().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        input_scale = layer.input_scale if layer.input_scale is not None else torch.tensor(0.0)
+        self.register_buffer("input_scale", input_scale.float().reshape(()))
+        self.in_features, self.out_features = layer.weight_codes.shape[1], layer.weight_codes.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer.act_bits is not None and self.layer.input_scale is not None:
+            x = F.fake_quantize(x, self.input_scale.to(x.dtype), torch.zeros((), dtype=torch.int32),
+                                self.layer.act_bits, True, "tensor")
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_overrides(model: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
+    """Load the float parameters a method rewrote (e.g. smoothing folded into a norm)."""
+    params = dict(model.named_parameters())
+    for name, value in overrides.items():
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def apply_quant_state(model: nn.Module, state: QuantState) -> nn.Module:
+    """Turn an FP model into the simulated quantized model of ``state`` (in place)."""
+    apply_overrides(model, state.float_overrides)
+    for name, layer in state.layers.items():
+        linear = model.get_submodule(name)
+        set_submodule(model, name, QuantLinear(layer, linear.bias))
+    return model

@@ -1,0 +1,154 @@
+"""Quantization recipes: one frozen, versioned config per method and setting.
+
+A recipe file (``calibration/recipes/<method>-<setting>.yaml``) names a method and a
+setting; everything else defaults from the setting table below and may be overridden::
+
+    method: awq
+    setting: w4a16
+    weights: {bits: 4, granularity: group, group_size: 128, symmetric: true}
+    activations: {bits: null}          # null: not quantized (A16)
+    modules: {vision_tower: true, projector: true, language_model: true, lm_head: false}
+    calibration: {samples: 64, seed: 0, batch_size: 16}
+    method_args: {grid: 20}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import QvlmError
+
+RECIPE_VERSION = 1
+RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "calibration" / "recipes"
+METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm")
+
+# setting -> (weight bits, weight granularity, activation bits or None, deployable, runs on)
+SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {
+    "w8a8": (8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
+    "w4a16": (4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
+    "w4a8": (4, "group", 8, True, "ONNX Runtime (exact QDQ; not a TensorRT format)"),
+    "w3a16": (3, "group", None, True, "ONNX Runtime (exact QDQ)"),
+    "w6a6": (6, "channel", 6, False, "simulated (fake-quant) only"),
+    "w4a4": (4, "channel", 4, False, "simulated (fake-quant) only"),
+}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int = 8
+    granularity: str = "channel"  # tensor | channel | group
+    group_size: int = 128
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    bits: int | None = 8  # None: activations stay in floating point
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    vision_tower: bool = True
+    projector: bool = True
+    language_model: bool = True
+    lm_head: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    samples: int = 64
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    method: str
+    setting: str
+    weights: WeightSpec
+    activations: ActivationSpec
+    modules: ModuleSpec = field(default_factory=ModuleSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    method_args: dict[str, Any] = field(default_factory=dict)
+    version: int = RECIPE_VERSION
+
+    @property
+    def deployable(self) -> bool:
+        return SETTINGS[self.setting][3]
+
+    @property
+    def runs_on(self) -> str:
+        return SETTINGS[self.setting][4]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_method_args(self, **overrides: Any) -> QuantRecipe:
+        return dataclasses.replace(self, method_args={**self.method_args, **overrides})
+
+
+def _section(cls, raw: Any, where: str, defaults: dict[str, Any] | None = None):
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise QvlmError(f"{where}: must be a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    return cls(**{**(defaults or {}), **raw})
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe:
+    """Validate a recipe mapping and fill the setting's defaults."""
+    if not isinstance(raw, dict):
+        raise QvlmError(f"{source}: a recipe must be a YAML mapping with 'method' and 'setting'")
+    allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
+    method, setting = raw.get("method"), str(raw.get("setting", "")).lower()
+    if method not in METHODS:
+        raise QvlmError(f"{source}: method must be one of {list(METHODS)}, got {method!r}")
+    if setting not in SETTINGS:
+        raise QvlmError(f"{source}: setting must be one of {list(SETTINGS)}, got {raw.get('setting')!r}")
+    wbits, wgran, abits, _, _ = SETTINGS[setting]
+    weights = _section(WeightSpec, raw.get("weights"), f"{source}: weights", {"bits": wbits, "granularity": wgran})
+    acts = _section(ActivationSpec, raw.get("activations"), f"{source}: activations", {"bits": abits})
+    if not 2 <= weights.bits <= 8:
+        raise QvlmError(f"{source}: weights.bits must be in 2..8, got {weights.bits}")
+    if weights.granularity not in ("tensor", "channel", "group"):
+        raise QvlmError(f"{source}: weights.granularity must be tensor, channel or group, got {weights.granularity!r}")
+    if weights.group_size < 2:
+        raise QvlmError(f"{source}: weights.group_size must be at least 2, got {weights.group_size}")
+    if acts.bits is not None and not 2 <= acts.bits <= 8:
+        raise QvlmError(f"{source}: activations.bits must be null or in 2..8, got {acts.bits}")
+    method_args = raw.get("method_args") or {}
+    if not isinstance(method_args, dict):
+        raise QvlmError(f"{source}: method_args must be a mapping")
+    return QuantRecipe(
+        method=method, setting=setting, weights=weights, activations=acts,
+        modules=_section(ModuleSpec, raw.get("modules"), f"{source}: modules"),
+        calibration=_section(CalibrationSpec, raw.get("calibration"), f"{source}: calibration"),
+        method_args=dict(method_args),
+    )
+
+
+def load_recipe(spec: str | Path) -> QuantRecipe:
+    """A recipe from a YAML path or a built-in name such as ``rtn-w8a8``."""
+    import yaml
+
+    path = Path(spec)
+    if not path.exists() and not str(spec).endswith((".yaml", ".yml")):
+        path = RECIPES_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+        raise QvlmError(f"recipe {str(spec)!r} not found; pass a YAML path or one of {known}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise QvlmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return recipe_from_dict(raw, source=str(path))

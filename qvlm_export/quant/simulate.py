@@ -1,0 +1,20 @@
+"""Load a quant state onto its model: the simulated (fake-quant) quantized VLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..load.model import LoadedVLM, load_vlm
+from .modules import apply_quant_state
+from .state import load_state
+
+
+def load_simulated(state_dir: Path, model: str | None = None) -> tuple[LoadedVLM, dict]:
+    """The model the state records (or ``model``) with the state applied, plus a description."""
+    state = load_state(state_dir)
+    vlm = load_vlm(model if model is not None else state.model_path)
+    apply_quant_state(vlm.model, state)
+    info = {"backend": "torch-simulated", "model": str(vlm.path), "method": state.recipe.method,
+            "setting": state.recipe.setting, "deployable": state.recipe.deployable,
+            "runs_on": state.recipe.runs_on}
+    return vlm, info
