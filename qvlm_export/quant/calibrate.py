@@ -1,0 +1,285 @@
+"""Sequential, block-by-block calibration of a LLaVA model with an explicit activation cache.
+
+The model is walked as one ordered list of *units*: vision encoder layers, the
+projector, decoder layers, and (optionally) ``lm_head``. A quantization method sees
+one *block* of consecutive units at a time (a single unit for layer-wise methods, up to
+three for Q-VLM) together with:
+
+* ``q_inputs``: the block's inputs computed by the already-quantized preceding blocks,
+* ``fp_inputs``: the same inputs computed by the full-precision model,
+* the per-batch keyword arguments the units need (attention masks, rotary embeddings),
+
+and calls :meth:`BlockContext.replace_linear` / :meth:`BlockContext.set_override` to
+record its decisions. The calibrator then pushes both streams through the block (the
+quantized stream through the quantized block) and moves on. Only one boundary's
+activations per stream live at a time, offloaded to ``offload`` between blocks: this is
+how llm-compressor calibrates models far larger than the accelerator (DESIGN.md s9).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.synthetic import Sample
+from ..load.model import LoadedVLM, build_prompt
+from .modules import QuantLinear, component_of, set_submodule
+from .recipe import QuantRecipe
+from .state import LayerQuant, QuantState
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One calibration unit: a transformer layer, the projector, or lm_head."""
+
+    name: str
+    kind: str  # vision | projector | decoder | lm_head
+    index: int  # position within its kind
+
+
+def model_units(model: nn.Module, include_lm_head: bool = False) -> list[Unit]:
+    inner = model.model
+    units = [Unit(f"model.vision_tower.encoder.layers.{i}", "vision", i)
+             for i in range(len(inner.vision_tower.encoder.layers))]
+    units.append(Unit("model.multi_modal_projector", "projector", 0))
+    units += [Unit(f"model.language_model.layers.{i}", "decoder", i) for i in range(len(inner.language_model.layers))]
+    if include_lm_head:
+        units.append(Unit("lm_head", "lm_head", 0))
+    return units
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_call(module: nn.Module, run: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The hidden-state input and the other (keyword) arguments ``module`` first gets during ``run()``."""
+    seen: dict[str, Any] = {}
+
+    def hook(_m, args, kwargs):
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        seen["x"] = bound.pop(next(iter(bound)))
+        seen["kwargs"] = {**bound, **extra}
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["x"], seen["kwargs"]
+
+
+def select_image_features(config, layer_outputs: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The projector input from vision hidden states, as LlavaModel.get_image_features selects it.
+
+    ``layer_outputs[k]`` is ``hidden_states[k]`` of the vision tower (k=0: embeddings).
+    """
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    n = config.vision_config.num_hidden_layers
+    picked = [layer_outputs[k % (n + 1)] for k in layers]
+    if config.vision_feature_select_strategy == "default":
+        picked = [h[:, 1:] for h in picked]
+    return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+
+@dataclass
+class CalibBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+
+
+def encode_batches(vlm: LoadedVLM, samples: Sequence[Sample], batch_size: int) -> list[CalibBatch]:
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        enc = vlm.processor(images=[s.image for s in chunk], text=[build_prompt(vlm.processor, s.question) for s in chunk],
+                            return_tensors="pt", padding=True)
+        batches.append(CalibBatch(enc["input_ids"], enc["attention_mask"], enc["pixel_values"]))
+    return batches
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block, and where it records its decisions."""
+
+    units: list[Unit]
+    modules: list[nn.Module]  # the block's live modules (quantized stream; edit these)
+    fp_modules: list[nn.Module]  # frozen full-precision copies
+    q_inputs: list[torch.Tensor]  # per batch, on the compute device
+    fp_inputs: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]  # per unit, per batch
+    recipe: QuantRecipe
+    root: nn.Module  # the whole model, for unit-level replacements (lm_head)
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor, batch: int, fp: bool = False, upto: int | None = None) -> torch.Tensor:
+        """Run ``x`` (batch ``batch``) through the block's units (``upto`` exclusive) of one stream."""
+        mods = self.fp_modules if fp else self.modules
+        for i, m in enumerate(mods[:upto]):
+            x = m(x, **self.kwargs[i][batch])
+        return x
+
+    def linears(self) -> list[tuple[str, nn.Linear]]:
+        """Quantizable Linears of the block with full model names, in module order."""
+        enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(self.recipe.modules, c)}
+        out = []
+        for unit, mod in zip(self.units, self.modules):
+            if unit.kind == "lm_head":
+                if isinstance(mod, nn.Linear) and "lm_head" in enabled:
+                    out.append((unit.name, mod))
+                continue
+            for sub, m in mod.named_modules():
+                full = f"{unit.name}.{sub}" if sub else unit.name
+                if isinstance(m, nn.Linear) and component_of(full) in enabled:
+                    out.append((full, m))
+        return out
+
+    def replace_linear(self, name: str, layer: LayerQuant) -> None:
+        """Swap the live Linear ``name`` for its simulated quantized version."""
+        old = self.root.get_submodule(name)
+        new = QuantLinear(layer, old.bias)
+        set_submodule(self.root, name, new)
+        self.modules = [new if u.name == name else m for u, m in zip(self.units, self.modules)]
+        self.layers[name] = layer
+
+    def set_override(self, param_name: str, value: torch.Tensor) -> None:
+        """Record a float parameter the method rewrote (already written into the live module)."""
+        self.overrides[param_name] = value.detach().cpu().clone()
+
+
+BlockFn = Callable[[BlockContext], None]
+
+
+class SequentialCalibrator:
+    """Walks the model block by block, keeping one boundary's activations per stream."""
+
+    def __init__(self, vlm: LoadedVLM, samples: Sequence[Sample], recipe: QuantRecipe,
+                 batch_size: int = 16, device: str | None = None, offload: str = "cpu"):
+        self.vlm, self.recipe = vlm, recipe
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.offload = offload
+        self.batches = encode_batches(vlm, samples, batch_size)
+        self.units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
+
+    # -- boundaries -------------------------------------------------------------------
+    def _vision_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+        tower = self.vlm.model.model.vision_tower
+        xs, kws = [], []
+        for b in self.batches:
+            x, kwargs = _capture_call(tower.encoder.layers[0], lambda b=b: tower(b.pixel_values.to(self.device)))
+            xs.append(x)
+            kws.append(kwargs)
+        return xs, kws
+
+    def _decoder_inputs(self, image_features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+        inner = self.vlm.model.model
+        xs, kws = [], []
+        for b, feats in zip(self.batches, image_features):
+            ids = b.input_ids.to(self.device)
+            embeds = inner.language_model.embed_tokens(ids)
+            mask = (ids == self.vlm.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            position_ids = (b.attention_mask.long().cumsum(-1) - 1).clamp_min(0).to(self.device)
+            run = lambda e=embeds, m=b.attention_mask, p=position_ids: inner.language_model(  # noqa: E731
+                inputs_embeds=e, attention_mask=m.to(self.device), position_ids=p, use_cache=False)
+            x, kwargs = _capture_call(inner.language_model.layers[0], run)
+            xs.append(x)
+            kws.append(kwargs)
+        return xs, kws
+
+    # -- the walk ---------------------------------------------------------------------
+    def run(self, block_fn: BlockFn, partition: list[list[int]] | None = None,
+            progress: Callable[[str], None] | None = None) -> QuantState:
+        """Quantize with ``block_fn`` over ``partition`` (lists of unit indices; default one unit a block)."""
+        partition = partition or [[i] for i in range(len(self.units))]
+        state = QuantState(recipe=self.recipe, layers={}, model_path=str(self.vlm.path))
+        with torch.no_grad():
+            q_x, kw = self._vision_inputs()
+        fp_x = [x.clone() for x in q_x]
+        vision_hidden: dict[str, dict[int, list[torch.Tensor]]] = {"q": {0: q_x}, "fp": {0: fp_x}}
+        for block in partition:
+            units = [self.units[i] for i in block]
+            kind = units[0].kind
+            if kind == "projector":
+                q_x = self._select(vision_hidden["q"])
+                fp_x = self._select(vision_hidden["fp"])
+                kw = [{} for _ in self.batches]
+            elif kind == "decoder" and units[0].index == 0:
+                with torch.no_grad():
+                    q_x, kw = self._decoder_inputs(q_x)
+                    fp_x, _ = self._decoder_inputs(fp_x)
+            elif kind == "lm_head":
+                norm = self.vlm.model.model.language_model.norm
+                with torch.no_grad():
+                    q_x, fp_x = [norm(x) for x in q_x], [norm(x) for x in fp_x]
+                kw = [{} for _ in self.batches]
+            ctx = self._context(units, q_x, fp_x, kw)
+            block_fn(ctx)
+            if progress:
+                progress(",".join(u.name for u in units))
+            state.layers.update(ctx.layers)
+            state.float_overrides.update(ctx.overrides)
+            for key, value in ctx.extras.items():
+                if isinstance(value, dict):
+                    state.extras.setdefault(key, {}).update(value)
+                else:
+                    state.extras[key] = value
+            q_x, fp_x = self._propagate(ctx, units, vision_hidden)
+        return state
+
+    def _context(self, units, q_x, fp_x, kw) -> BlockContext:
+        modules = [self.vlm.model.get_submodule(u.name) for u in units]
+        fp_modules = [copy.deepcopy(m).eval() for m in modules]
+        for m in fp_modules:
+            m.requires_grad_(False)
+        # Every unit of a block shares the batch kwargs of its stack (masks, rotary embeddings).
+        return BlockContext(units=units, modules=modules, fp_modules=fp_modules,
+                            q_inputs=[x.to(self.device) for x in q_x], fp_inputs=[x.to(self.device) for x in fp_x],
+                            kwargs=[kw for _ in units], recipe=self.recipe, root=self.vlm.model)
+
+    def _propagate(self, ctx: BlockContext, units: list[Unit], vision_hidden) -> tuple[list, list]:
+        q_out, fp_out = [], []
+        with torch.no_grad():
+            for b in range(len(self.batches)):
+                q, f = ctx.q_inputs[b], ctx.fp_inputs[b]
+                for i, u in enumerate(units):
+                    q = ctx.modules[i](q, **ctx.kwargs[i][b])
+                    f = ctx.fp_modules[i](f, **ctx.kwargs[i][b])
+                    if u.kind == "vision":
+                        vision_hidden["q"].setdefault(u.index + 1, []).append(q.to(self.offload))
+                        vision_hidden["fp"].setdefault(u.index + 1, []).append(f.to(self.offload))
+                q_out.append(q.to(self.offload))
+                fp_out.append(f.to(self.offload))
+        self._drop_unused_vision(vision_hidden)
+        return q_out, fp_out
+
+    def _wanted_vision_layers(self) -> set[int]:
+        cfg = self.vlm.model.config
+        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
+        n = cfg.vision_config.num_hidden_layers
+        return {k % (n + 1) for k in layers}
+
+    def _drop_unused_vision(self, vision_hidden) -> None:
+        keep = self._wanted_vision_layers()
+        for stream in vision_hidden.values():
+            done = max(stream)
+            for k in [k for k in stream if k not in keep and k != done]:
+                del stream[k]
+
+    def _select(self, hidden: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
+        cfg = self.vlm.model.config
+        return [select_image_features(cfg, {k: v[b] for k, v in hidden.items()}) for b in range(len(self.batches))]
