@@ -23,7 +23,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
+    from . import data_cmd, eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
     for name in ("quantize_cmd", "search_cmd", "export_cmd", "build_cmd", "validate_cmd", "run_cmd"):
         try:

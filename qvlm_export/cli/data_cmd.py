@@ -1,0 +1,27 @@
+"""``qvlm-export data``: write a built-in split as PNG files plus a JSONL manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import app
+
+
+@app.command("data")
+def data_command(
+    out: Annotated[Path, typer.Option(help="directory to write images/ and manifest.jsonl into")],
+    split: Annotated[str, typer.Option(help="calib | eval | train")] = "eval",
+    n: Annotated[int | None, typer.Option(min=1, help="number of samples (required for train)")] = None,
+) -> None:
+    """Materialise the synthetic shapes-VQA split in the user-facing manifest format."""
+    from ..data.manifest import load_dataset, write_manifest
+    from ..manifest import atomic_directory
+
+    spec = f"builtin:{split}" + (f":{n}" if n else "")
+    samples = load_dataset(spec)
+    with atomic_directory(out) as tmp:
+        write_manifest(samples, tmp)
+    typer.echo(f"wrote {len(samples)} samples to {out / 'manifest.jsonl'}")
