@@ -36,7 +36,10 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode click returns a command's ``typer.Exit`` code instead of raising it
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except QvlmError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
