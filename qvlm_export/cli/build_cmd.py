@@ -34,3 +34,27 @@ def check_trt_command(
         table.add_row(v.graph, v.node, v.rule, v.detail, v.fix)
     console.print(table)
     raise typer.Exit(1)
+
+
+@app.command("build")
+def build_command(
+    bundle: Annotated[str, typer.Option(help="ONNX bundle directory written by `qvlm-export export`")],
+    profile: Annotated[str, typer.Option(help="build profile: edge | server | path to a YAML profile")],
+    out: Annotated[str, typer.Option(help="engine directory to write (replaced atomically)")],
+    timing_cache: Annotated[str | None, typer.Option(help="timing cache file (default: the profile's)")] = None,
+    skip_check: Annotated[bool, typer.Option(help="build even if check-trt finds rule violations")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the engines and optimization-profile shapes; no TensorRT")] = False,
+) -> None:
+    """Strongly typed TensorRT engines (vision, embed, decoder prefill/decode) with a manifest."""
+    from pathlib import Path
+
+    from ..build.builder import build_engines, dump_plan, plan_build
+    from ..build.profiles import load_profile
+
+    resolved = load_profile(profile)
+    if dry_run:
+        typer.echo(dump_plan(plan_build(Path(bundle), resolved)))
+        return
+    path = build_engines(Path(bundle), resolved, Path(out), timing_cache=Path(timing_cache) if timing_cache else None,
+                         skip_check=skip_check)
+    typer.echo(f"engines written to {path}")

@@ -1,0 +1,201 @@
+"""The engine build without TensorRT: planning, atomic output, the manifest, compatibility errors, CLI errors.
+
+The TensorRT compile step is replaced by a recording fake (``compiler=``) and the GPU by a
+fixed ``TrtEnvironment``; everything around them is the code that runs on the GPU machine.
+Real TensorRT builds are in tests/test_build_trt.py (skipped without tensorrt and a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qvlm_export.build.builder import build_engines, plan_build, read_engine_manifest
+from qvlm_export.build.environment import TrtEnvironment, check_engine_compatibility, require_tensorrt
+from qvlm_export.build.profiles import BuildProfile, load_profile
+from qvlm_export.cli import main
+from qvlm_export.errors import QvlmError
+from qvlm_export.manifest import sha256_file
+
+H100 = TrtEnvironment(tensorrt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+PROFILE = BuildProfile(name="test", max_batch=2, max_prompt=16, opt_prompt=8, max_context=32, opt_context=12,
+                       timing_cache=None, graph_dtype="fp16")
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def tiny_bundle_graphs(dtype=TensorProto.FLOAT16, w_axis=1):
+    """Minimal vision/embed/decoder graphs with the bundle's input names; the decoder has W8A8 Q/DQ."""
+    fdt = helper.tensor_dtype_to_np_dtype(dtype)
+    vi = helper.make_tensor_value_info
+    vision = _model([helper.make_node("Flatten", ["pixel_values"], ["image_features"], name="flatten")],
+                    [vi("pixel_values", dtype, ["batch", 3, 4, 4])], [vi("image_features", dtype, ["batch", 48])])
+    embed = _model([helper.make_node("Gather", ["table", "input_ids"], ["inputs_embeds"], name="gather")],
+                   [vi("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                   [vi("inputs_embeds", dtype, ["batch", "seq", 8])],
+                   [numpy_helper.from_array(np.ones((16, 8), fdt), "table")])
+    past = [vi(f"past_key_values.0.{k}", dtype, ["batch", 2, "past", 4]) for k in ("key", "value")]
+    inits = [numpy_helper.from_array(np.array(0.1, fdt), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+             numpy_helper.from_array(np.ones((8, 16), np.int8), "w"),
+             numpy_helper.from_array(np.full(16 if w_axis == 1 else 8, 0.01, fdt), "ws")]
+    nodes = [helper.make_node("QuantizeLinear", ["inputs_embeds", "s", "z"], ["q"], name="act_q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="act_dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wdq"], name="lm_head_w_dq", axis=w_axis),
+             helper.make_node("MatMul", ["dq", "wdq"], ["logits"], name="lm_head"),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    decoder = _model(nodes, [vi("inputs_embeds", dtype, ["batch", "seq", 8]),
+                             vi("attention_mask", TensorProto.INT64, ["batch", "total"]),
+                             vi("position_ids", TensorProto.INT64, ["batch", "seq"]), *past],
+                     [vi("logits", dtype, ["batch", "seq", 16]),
+                      *[vi(f"present.0.{k}", dtype, ["batch", 2, "total", 4]) for k in ("key", "value")]], inits)
+    return {"vision": vision, "embed": embed, "decoder": decoder}
+
+
+def write_bundle(root, w_axis=1):
+    (root / "fp16").mkdir(parents=True)
+    for name, model in tiny_bundle_graphs(TensorProto.FLOAT, w_axis).items():
+        onnx.save(model, root / f"{name}.onnx")
+    for name, model in tiny_bundle_graphs(TensorProto.FLOAT16, w_axis).items():
+        onnx.save(model, root / "fp16" / f"{name}.onnx")
+    (root / "bundle.json").write_text(json.dumps({"image_token_id": 3, "num_layers": 1}))
+    (root / "tokenizer.json").write_text("{}")
+    (root / "manifest.json").write_text(json.dumps({"kind": "onnx-bundle"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return write_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+class RecordingCompiler:
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def __call__(self, spec, profile, timing_cache):
+        self.calls.append((spec.graph, spec.source.name, timing_cache))
+        if spec.graph == self.fail_on:
+            raise QvlmError(f"TensorRT could not build the {spec.graph} engine")
+        return f"engine:{spec.graph}:{[p for p, _ in spec.profiles]}".encode()
+
+
+def test_plan_uses_fp16_variant_and_exact_shapes(bundle):
+    plan = plan_build(bundle, PROFILE)
+    assert [(s.graph, str(s.source.relative_to(bundle))) for s in plan.engines] == [
+        ("vision", "fp16/vision.onnx"), ("embed", "fp16/embed.onnx"), ("decoder", "fp16/decoder.onnx")]
+    decoder = dict(plan.engines[2].profiles)
+    assert decoder["prefill"]["past_key_values.0.key"] == ((1, 2, 0, 4), (2, 2, 0, 4), (2, 2, 0, 4))
+    assert decoder["decode"]["attention_mask"] == ((1, 2), (2, 13), (2, 32))
+    fp32 = plan_build(bundle, BuildProfile(name="t", max_prompt=16, max_context=32, graph_dtype="fp32"))
+    assert fp32.engines[0].source == bundle / "vision.onnx"
+
+
+def test_build_writes_engines_metadata_and_manifest(bundle, tmp_path):
+    compiler = RecordingCompiler()
+    out = build_engines(bundle, PROFILE, tmp_path / "engines", timing_cache=tmp_path / "t.cache",
+                        compiler=compiler, environment=H100)
+    assert [c[:2] for c in compiler.calls] == [("vision", "vision.onnx"), ("embed", "embed.onnx"),
+                                               ("decoder", "decoder.onnx")]
+    assert all(c[2] == tmp_path / "t.cache" for c in compiler.calls)
+    assert (out / "decoder.engine").read_bytes() == b"engine:decoder:['prefill', 'decode']"
+    assert (out / "bundle" / "bundle.json").read_text() == (bundle / "bundle.json").read_text()
+    assert not list((out / "bundle").rglob("*.onnx")) and not (out / "bundle" / "manifest.json").exists()
+    m = read_engine_manifest(out)
+    assert m["tensorrt"] == {"version": "10.3.0"}
+    assert m["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert m["profile_hash"] == PROFILE.digest() and m["config"]["profile"]["max_context"] == 32
+    assert m["config"]["strongly_typed"] is True and m["check_trt"] == {"ok": True, "qdq_nodes": 3}
+    assert m["inputs"]["bundle/fp16/decoder.onnx"] == sha256_file(bundle / "fp16" / "decoder.onnx")
+    assert m["outputs"]["decoder.engine"] == sha256_file(out / "decoder.engine")
+    shapes = m["engines"]["decoder"]["optimization_profiles"][1]
+    assert shapes["name"] == "decode" and shapes["shapes"]["inputs_embeds"] == {
+        "min": [1, 1, 8], "opt": [2, 1, 8], "max": [2, 1, 8]}
+    check_engine_compatibility(m, H100)  # the building environment accepts its own engines
+
+
+def test_failed_build_leaves_no_directory(bundle, tmp_path):
+    with pytest.raises(QvlmError, match="could not build the decoder engine"):
+        build_engines(bundle, PROFILE, tmp_path / "engines", compiler=RecordingCompiler(fail_on="decoder"),
+                      environment=H100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rule_violations_stop_the_build_before_tensorrt(tmp_path):
+    broken = write_bundle(tmp_path / "broken", w_axis=0)
+    compiler = RecordingCompiler()
+    with pytest.raises(QvlmError, match=r"breaks 1 TensorRT Q/DQ rule.*lm_head_w_dq \[per-channel-weight-axis\]"):
+        build_engines(broken, PROFILE, tmp_path / "e", compiler=compiler, environment=H100)
+    assert compiler.calls == []
+    build_engines(broken, PROFILE, tmp_path / "e", compiler=compiler, environment=H100, skip_check=True)
+    assert read_engine_manifest(tmp_path / "e")["check_trt"] is None
+
+
+@pytest.mark.parametrize("built, installed, version_compatible, error", [
+    ("10.3.0", "10.7.0", False, "built with TensorRT 10.3.0 but 10.7.0 is installed"),
+    ("10.3.0.26", "10.3.0", False, None),
+    ("10.3.0", "10.7.0", True, None),
+    ("10.3.0", "11.0.0", True, None),
+    ("10.7.0", "10.3.0", True, "runs only on TensorRT 10.7.0 or a newer"),
+    ("8.6.1", "11.0.0", True, "runs only on TensorRT 8.6.1 or a newer"),
+])
+def test_tensorrt_version_mismatch_error(built, installed, version_compatible, error):
+    manifest = {"tensorrt": {"version": built}, "gpu": {"name": "H100", "compute_capability": "9.0"},
+                "config": {"profile": {"version_compatible": version_compatible}}}
+    env = TrtEnvironment(installed, "H100", "9.0")
+    if error is None:
+        check_engine_compatibility(manifest, env)
+    else:
+        with pytest.raises(QvlmError, match=error) as info:
+            check_engine_compatibility(manifest, env, where="out/engines")
+        assert "rebuild them here with `qvlm-export build`" in str(info.value)
+
+
+@pytest.mark.parametrize("level, here, error", [
+    ("none", "8.6", "built for H100 (compute capability 9.0) but this GPU is L4 (compute capability 8.6)"),
+    ("ampere_plus", "8.6", None),
+    ("ampere_plus", "7.5", "built for Ampere-or-newer GPUs"),
+    ("same_compute_capability", "9.0", None),
+])
+def test_gpu_mismatch_error(level, here, error):
+    manifest = {"tensorrt": {"version": "10.3.0"}, "gpu": {"name": "H100", "compute_capability": "9.0"},
+                "config": {"profile": {"hardware_compatibility": level}}}
+    env = TrtEnvironment("10.3.0", "L4", here)
+    if error is None:
+        check_engine_compatibility(manifest, env)
+    else:
+        with pytest.raises(QvlmError, match=error.replace("(", r"\(").replace(")", r"\)")):
+            check_engine_compatibility(manifest, env)
+
+
+def test_cli_build_without_tensorrt_is_one_line_exit_2(bundle, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails even where TensorRT is installed
+    with pytest.raises(QvlmError, match="TensorRT is not installed"):
+        require_tensorrt()
+    code = main(["build", "--bundle", str(bundle), "--profile", "edge", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "TensorRT is not installed" in err and "check-trt" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_dry_run_prints_the_plan(bundle, capsys):
+    assert main(["build", "--bundle", str(bundle), "--profile", "server", "--out", "unused", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    decode = plan["engines"]["decoder"]["optimization_profiles"][1]["shapes"]["past_key_values.0.key"]
+    assert decode == {"min": [1, 2, 1, 4], "opt": [8, 2, 1024, 4], "max": [16, 2, 4095, 4]}
+    assert plan["profile"] == load_profile("server").to_dict()
+
+
+def test_cli_build_errors(bundle, tmp_path, capsys):
+    assert main(["build", "--bundle", str(tmp_path / "nope"), "--profile", "edge", "--out", "x"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["build", "--bundle", str(bundle), "--profile", "tiny-gpu", "--out", "x"]) == 2
+    assert "build profile 'tiny-gpu' not found" in capsys.readouterr().err
