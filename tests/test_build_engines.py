@@ -99,6 +99,14 @@ def test_plan_uses_fp16_variant_and_exact_shapes(bundle):
     assert fp32.engines[0].source == bundle / "vision.onnx"
 
 
+def test_plan_finds_fp16_bundle_without_variant_dir_and_refuses_wrong_dtype(tmp_path):
+    for name, model in tiny_bundle_graphs(TensorProto.FLOAT16).items():  # an `export --dtype fp16` bundle
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    assert plan_build(tmp_path, PROFILE).engines[2].source == tmp_path / "decoder.onnx"
+    with pytest.raises(QvlmError, match=r"has no fp32 vision graph \(looked in vision.onnx\)"):
+        plan_build(tmp_path, BuildProfile(name="t", max_prompt=16, max_context=32, graph_dtype="fp32"))
+
+
 def test_build_writes_engines_metadata_and_manifest(bundle, tmp_path):
     compiler = RecordingCompiler()
     out = build_engines(bundle, PROFILE, tmp_path / "engines", timing_cache=tmp_path / "t.cache",

@@ -67,15 +67,28 @@ class BuildPlan:
 Compiler = Callable[[EngineSpec, BuildProfile, "Path | None"], Any]
 
 
+def graph_float_type(path: Path) -> str | None:
+    """``fp16``/``fp32``: the float type of a graph's interface (inputs and outputs), read without weights."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    types = [v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]]
+    if onnx.TensorProto.FLOAT16 in types:
+        return "fp16"
+    return "fp32" if onnx.TensorProto.FLOAT in types else None
+
+
 def locate_graph(bundle: Path, graph: str, graph_dtype: str) -> Path:
-    candidates = ["{graph}.onnx"] if graph_dtype == "fp32" else list(FP16_CANDIDATES)
+    """The bundle's ``graph`` file in ``graph_dtype``: a variant file, or the main file when its dtype matches."""
+    candidates = [*(FP16_CANDIDATES if graph_dtype == "fp16" else ()), "{graph}.onnx"]
     for pattern in candidates:
         path = bundle / pattern.format(graph=graph)
-        if path.is_file():
+        if path.is_file() and (pattern != "{graph}.onnx" or graph_float_type(path) in (graph_dtype, None)):
             return path
     tried = ", ".join(p.format(graph=graph) for p in candidates)
-    hint = " (export with --fp16, or set graph_dtype: fp32 in the profile)" if graph_dtype == "fp16" else ""
-    raise QvlmError(f"bundle {str(bundle)!r} has no {graph_dtype} {graph} graph (looked for {tried}){hint}")
+    hint = " (export with --dtype fp16, or set graph_dtype: fp32 in the profile)" if graph_dtype == "fp16" else \
+        " (export with --dtype fp32, or set graph_dtype: fp16 in the profile)"
+    raise QvlmError(f"bundle {str(bundle)!r} has no {graph_dtype} {graph} graph (looked in {tried}){hint}")
 
 
 def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
