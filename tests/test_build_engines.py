@@ -207,3 +207,37 @@ def test_cli_build_errors(bundle, tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["build", "--bundle", str(bundle), "--profile", "tiny-gpu", "--out", "x"]) == 2
     assert "build profile 'tiny-gpu' not found" in capsys.readouterr().err
+
+
+def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):
+    from qvlm_export.build.trt_runner import check_feed_shapes, choose_phase
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    m = read_engine_manifest(out)
+    past0 = np.zeros((1, 2, 0, 4), np.float16)
+    feeds = {"inputs_embeds": np.zeros((1, 5, 8), np.float16), "attention_mask": np.ones((1, 5), np.int64),
+             "position_ids": np.zeros((1, 5), np.int64), "past_key_values.0.key": past0,
+             "past_key_values.0.value": past0}
+    assert choose_phase("decoder", feeds) == 0 and choose_phase("vision", {}) == 0
+    check_feed_shapes(m, "decoder", 0, feeds)
+    step = {**feeds, "inputs_embeds": np.zeros((1, 1, 8), np.float16), "position_ids": np.zeros((1, 1), np.int64),
+            "attention_mask": np.ones((1, 32), np.int64), "past_key_values.0.key": np.zeros((1, 2, 31, 4)),
+            "past_key_values.0.value": np.zeros((1, 2, 31, 4))}
+    assert choose_phase("decoder", step) == 1
+    check_feed_shapes(m, "decoder", 1, step)
+    too_long = {**feeds, "inputs_embeds": np.zeros((1, 17, 8)), "position_ids": np.zeros((1, 17), np.int64),
+                "attention_mask": np.ones((1, 17), np.int64)}
+    with pytest.raises(QvlmError, match=r"'inputs_embeds' axis 1 is 17, outside the prefill profile's 1..16"):
+        check_feed_shapes(m, "decoder", 0, too_long)
+    with pytest.raises(QvlmError, match="needs input 'attention_mask'"):
+        check_feed_shapes(m, "decoder", 0, {k: v for k, v in feeds.items() if k != "attention_mask"})
+
+
+def test_runner_refuses_engines_from_another_tensorrt_before_loading(bundle, tmp_path):
+    from qvlm_export.build.trt_runner import TrtEngineSet
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    with pytest.raises(QvlmError, match="built with TensorRT 10.3.0 but 11.0.0 is installed"):
+        TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0"))
+    with pytest.raises(QvlmError, match="'onnx-bundle' artifact, expected 'engines'"):
+        TrtEngineSet(bundle, environment=H100)

@@ -1,0 +1,113 @@
+"""Run the engines of an engine directory: one Polygraphy ``TrtRunner`` per engine and phase.
+
+The decoder engine has two optimization profiles (prefill, decode); each gets its own
+execution context, so switching phase between calls costs nothing. Before TensorRT sees
+an engine the manifest is checked against the running TensorRT version and GPU, and
+every call's shapes against the profile ranges recorded in the manifest, so a prompt
+that is too long fails with the profile's limit rather than a TensorRT binding error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import QvlmError
+from .builder import read_engine_manifest
+from .environment import TrtEnvironment, check_engine_compatibility, detect_environment
+
+PAST_INPUT = "past_key_values.0.key"
+
+
+def choose_phase(graph: str, feeds: dict[str, np.ndarray]) -> int:
+    """Optimization-profile index for one call: decoder prefill (no past) is 0, decode is 1."""
+    if graph != "decoder":
+        return 0
+    past = feeds.get(PAST_INPUT)
+    return 0 if past is None or past.shape[2] == 0 else 1
+
+
+def check_feed_shapes(manifest: dict[str, Any], graph: str, phase: int, feeds: dict[str, np.ndarray],
+                      where: str = "engines") -> None:
+    """Raise a QvlmError naming the input, axis and profile limit when a feed falls outside the profile."""
+    entry = manifest["engines"][graph]["optimization_profiles"][phase]
+    shapes = entry["shapes"]
+    missing = sorted(set(shapes) - set(feeds))
+    if missing:
+        raise QvlmError(f"{where}: the {graph} engine needs input {missing[0]!r}, which was not given")
+    for name, array in feeds.items():
+        if name not in shapes:
+            raise QvlmError(f"{where}: the {graph} engine has no input {name!r}; it takes {sorted(shapes)}")
+        low, high = shapes[name]["min"], shapes[name]["max"]
+        if len(array.shape) != len(low):
+            raise QvlmError(f"{where}: {graph} input {name!r} has rank {len(array.shape)}, the engine expects {len(low)}")
+        for axis, (size, lo, hi) in enumerate(zip(array.shape, low, high, strict=True)):
+            if not lo <= size <= hi:
+                raise QvlmError(f"{where}: {graph} input {name!r} axis {axis} is {size}, outside the "
+                                f"{entry['name']} profile's {lo}..{hi}; rebuild with a profile that allows it "
+                                f"(max_batch / max_prompt / max_context)")
+
+
+class TrtEngineSet:
+    """The vision, embed and decoder engines of one ``qvlm-export build`` directory.
+
+    Use as a context manager; ``run(graph, feeds)`` takes and returns numpy arrays keyed by
+    the ONNX graph's input and output names, exactly like an ONNX Runtime session would.
+    """
+
+    def __init__(self, engine_dir: Path, environment: TrtEnvironment | None = None):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = read_engine_manifest(self.engine_dir)
+        self.environment = environment or detect_environment()
+        check_engine_compatibility(self.manifest, self.environment, where=str(self.engine_dir))
+        self._runners: dict[tuple[str, int], Any] = {}
+        self._engines: dict[str, Any] = {}
+
+    @property
+    def bundle_dir(self) -> Path:
+        """The bundle's metadata (bundle.json, tokenizer) copied beside the engines."""
+        return self.engine_dir / "bundle"
+
+    def activate(self) -> TrtEngineSet:
+        from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+        from .environment import require_tensorrt
+
+        require_tensorrt()
+        for graph, entry in self.manifest["engines"].items():
+            path = self.engine_dir / entry["file"]
+            if not path.is_file():
+                raise QvlmError(f"{self.engine_dir}: engine file {entry['file']!r} is missing; rebuild the engines")
+            engine = EngineFromPath(str(path))()
+            if engine is None:
+                raise QvlmError(f"{path}: TensorRT could not deserialize the engine; rebuild it on this machine")
+            self._engines[graph] = engine
+            for phase in range(len(entry["optimization_profiles"])):
+                runner = TrtRunner(engine, name=f"{graph}-{phase}", optimization_profile=phase)
+                runner.activate()
+                self._runners[(graph, phase)] = runner
+        return self
+
+    def deactivate(self) -> None:
+        for runner in self._runners.values():
+            runner.deactivate()
+        self._runners.clear()
+        self._engines.clear()
+
+    def __enter__(self) -> TrtEngineSet:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._runners:
+            raise QvlmError("the TensorRT engines are not active; use `with TrtEngineSet(dir) as engines:`")
+        if graph not in self.manifest["engines"]:
+            raise QvlmError(f"{self.engine_dir} has no {graph!r} engine; it has {sorted(self.manifest['engines'])}")
+        phase = choose_phase(graph, feeds)
+        check_feed_shapes(self.manifest, graph, phase, feeds, where=str(self.engine_dir))
+        contiguous = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+        return dict(self._runners[(graph, phase)].infer(contiguous))
