@@ -1,0 +1,193 @@
+"""Parity thresholds per precision, runner and output, loaded from a YAML file.
+
+The packaged default is ``qvlm_export/configs/thresholds.yaml``; ``--thresholds FILE``
+replaces it. Layout::
+
+    version: 1
+    precisions:
+      w8a8:                         # the candidate's setting row (fp, w8a8, w4a16, ...)
+        faithful:                   # ORT with exact QDQ arithmetic, against the FP reference
+          default: {cosine: 0.99, sqnr_db: 15}
+          outputs:                  # "<graph>/<output>" glob patterns; the first match is merged over default
+            "decoder/logits": {sqnr_db: 12}
+        fast: {...}                 # ORT fused integer kernels (absent: faithful's bounds)
+        tensorrt: {...}             # TensorRT engines (absent: faithful's bounds)
+        drift: {...}                # fast against faithful: the kernels' own error (absent: reported only)
+        task: {max_accuracy_drop: 0.05, min_identical_answers: 0.8}
+
+Statistics ending in ``_abs`` and ``nonfinite`` are upper bounds; ``cosine`` and
+``sqnr_db`` are lower bounds (see :mod:`qvlm_export.validate.stats`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import QvlmError
+from .stats import LOWER_BOUNDED, STAT_NAMES, ErrorStats
+
+THRESHOLDS_VERSION = 1
+RUNNERS = ("faithful", "fast", "tensorrt", "drift")
+TASK_KEYS = ("max_accuracy_drop", "min_identical_answers")
+# Runners whose bounds fall back to the faithful section when they have none of their own.
+FALLS_BACK_TO_FAITHFUL = ("fast", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One statistic measured against one bound."""
+
+    stat: str
+    value: float
+    bound: float
+
+    @property
+    def lower_bound(self) -> bool:
+        return self.stat in LOWER_BOUNDED
+
+    @property
+    def passed(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value >= self.bound if self.lower_bound else self.value <= self.bound
+
+    def describe(self) -> str:
+        op = ">=" if self.lower_bound else "<="
+        return f"{self.stat} = {_fmt(self.value)} (threshold {op} {_fmt(self.bound)})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stat": self.stat, "value": _json_num(self.value), "bound": self.bound,
+                "op": ">=" if self.lower_bound else "<=", "passed": self.passed}
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def _json_num(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A {default, outputs} section: bounds per statistic, with per-output overrides."""
+
+    default: dict[str, float] = field(default_factory=dict)
+    outputs: tuple[tuple[str, dict[str, float]], ...] = ()
+
+    def for_output(self, key: str) -> dict[str, float]:
+        for pattern, bounds in self.outputs:
+            if fnmatch.fnmatchcase(key, pattern):
+                return {**self.default, **bounds}
+        return dict(self.default)
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    precisions: dict[str, dict[str, Bounds]]
+    task: dict[str, dict[str, float]]
+    source: str = "builtin"
+
+    def bounds(self, precision: str, runner: str, graph: str, output: str) -> dict[str, float]:
+        """The bounds that apply to one output of one graph; empty when nothing is gated."""
+        if runner not in RUNNERS:
+            raise QvlmError(f"unknown runner {runner!r}; thresholds exist for {list(RUNNERS)}")
+        sections = self.precisions.get(precision)
+        if sections is None:
+            raise QvlmError(f"thresholds ({self.source}) have no section for precision {precision!r}; "
+                            f"add one or use one of {sorted(self.precisions)}")
+        section = sections.get(runner)
+        if section is None and runner in FALLS_BACK_TO_FAITHFUL:
+            section = sections.get("faithful")
+        return section.for_output(f"{graph}/{output}") if section is not None else {}
+
+    def check(self, precision: str, runner: str, graph: str, output: str, stats: ErrorStats) -> list[Check]:
+        bounds = self.bounds(precision, runner, graph, output)
+        return [Check(stat, float(getattr(stats, stat)), float(bound)) for stat, bound in bounds.items()]
+
+    def task_bounds(self, precision: str) -> dict[str, float]:
+        return dict(self.task.get(precision, {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": THRESHOLDS_VERSION, "source": self.source,
+            "precisions": {p: {**{r: {"default": b.default, "outputs": dict(b.outputs)} for r, b in s.items()},
+                               **({"task": self.task[p]} if p in self.task else {})}
+                           for p, s in self.precisions.items()},
+        }
+
+
+def _bound_map(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise QvlmError(f"{where}: must be a mapping of statistic to bound, e.g. {{cosine: 0.99}}")
+    out = {}
+    for stat, value in raw.items():
+        if stat not in STAT_NAMES:
+            raise QvlmError(f"{where}: unknown statistic {stat!r}; use one of {list(STAT_NAMES)}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise QvlmError(f"{where}.{stat}: bound must be a number, got {value!r}")
+        out[stat] = float(value)
+    return out
+
+
+def _bounds(raw: Any, where: str) -> Bounds:
+    if not isinstance(raw, dict) or set(raw) - {"default", "outputs"}:
+        raise QvlmError(f"{where}: must be a mapping with keys 'default' and/or 'outputs'")
+    outputs = raw.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        raise QvlmError(f"{where}.outputs: must map '<graph>/<output>' patterns to bounds")
+    return Bounds(default=_bound_map(raw.get("default") or {}, f"{where}.default"),
+                  outputs=tuple((str(k), _bound_map(v, f"{where}.outputs[{k!r}]")) for k, v in outputs.items()))
+
+
+def _task(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise QvlmError(f"{where}: must be a mapping with keys {list(TASK_KEYS)}")
+    unknown = sorted(set(raw) - set(TASK_KEYS))
+    if unknown:
+        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; use {list(TASK_KEYS)}")
+    return {k: float(v) for k, v in raw.items()}
+
+
+def thresholds_from_dict(raw: Any, source: str = "thresholds") -> ThresholdConfig:
+    """Validate a thresholds mapping (see the module docstring)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("precisions"), dict):
+        raise QvlmError(f"{source}: expected a mapping with a 'precisions' section")
+    if raw.get("version", THRESHOLDS_VERSION) != THRESHOLDS_VERSION:
+        raise QvlmError(f"{source}: thresholds version {raw.get('version')} is not supported (expected {THRESHOLDS_VERSION})")
+    precisions, task = {}, {}
+    for precision, sections in raw["precisions"].items():
+        where = f"{source}: precisions.{precision}"
+        if not isinstance(sections, dict):
+            raise QvlmError(f"{where}: must be a mapping of runner ({', '.join(RUNNERS)}) to bounds")
+        unknown = sorted(set(sections) - set(RUNNERS) - {"task"})
+        if unknown:
+            raise QvlmError(f"{where}: unknown key {unknown[0]!r}; use {list(RUNNERS) + ['task']}")
+        precisions[str(precision)] = {r: _bounds(v, f"{where}.{r}") for r, v in sections.items() if r != "task"}
+        if "task" in sections:
+            task[str(precision)] = _task(sections["task"], f"{where}.task")
+    return ThresholdConfig(precisions=precisions, task=task, source=source)
+
+
+def load_thresholds(path: str | Path | None = None) -> ThresholdConfig:
+    """The thresholds in ``path``, or the packaged defaults."""
+    import yaml
+
+    if path is None:
+        text = resources.files("qvlm_export").joinpath("configs/thresholds.yaml").read_text()
+        source = "builtin thresholds.yaml"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise QvlmError(f"thresholds file {str(p)!r} does not exist; pass a YAML file or omit --thresholds")
+        text, source = p.read_text(), str(p)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise QvlmError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return thresholds_from_dict(raw, source=source)
