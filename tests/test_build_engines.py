@@ -241,3 +241,51 @@ def test_runner_refuses_engines_from_another_tensorrt_before_loading(bundle, tmp
         TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0"))
     with pytest.raises(QvlmError, match="'onnx-bundle' artifact, expected 'engines'"):
         TrtEngineSet(bundle, environment=H100)
+
+
+class OrtBackedEngineSet:
+    """TrtEngineSet's real ``run`` (phase choice, shape limits) over ONNX Runtime instead of engines."""
+
+    def __new__(cls, engine_dir, bundle):
+        import onnxruntime as ort
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        from qvlm_export.build.trt_runner import TrtEngineSet
+
+        engine_set = TrtEngineSet(engine_dir, environment=H100)
+        for graph, entry in engine_set.manifest["engines"].items():
+            session = ort.InferenceSession(str(bundle / entry["source"]), providers=["CPUExecutionProvider"])
+            for phase in range(len(entry["optimization_profiles"])):
+                engine_set._runners[(graph, phase)] = OnnxrtRunner(session).__enter__()
+        return engine_set
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Polygraphy's mean over the empty prefill `present` tensors
+def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    from qvlm_export.build.trt_runner import graph_runner
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    engines = OrtBackedEngineSet(out, bundle)
+    candidate = graph_runner(engines, "decoder")
+    with candidate:
+        meta = candidate.get_input_metadata(use_numpy_dtypes=False)
+    assert meta["inputs_embeds"].shape == [None, None, 8] and meta["past_key_values.0.key"].shape == [None, 2, None, 4]
+    rng = np.random.default_rng(0)
+    steps = [{"inputs_embeds": rng.standard_normal((2, n, 8)).astype(np.float16),
+              "attention_mask": np.ones((2, n + past), np.int64), "position_ids": np.zeros((2, n), np.int64),
+              "past_key_values.0.key": np.zeros((2, 2, past, 4), np.float16),
+              "past_key_values.0.value": np.zeros((2, 2, past, 4), np.float16)} for n, past in ((6, 0), (1, 9))]
+    reference = OnnxrtRunner(ort.InferenceSession(str(bundle / "fp16" / "decoder.onnx"),
+                                                  providers=["CPUExecutionProvider"]))
+    results = Comparator.run([reference, candidate], data_loader=steps)
+    assert [len(r) for _, r in results] == [2, 2]
+    assert [tuple(it["logits"].shape) for it in results[1][1]] == [(2, 6, 16), (2, 1, 16)]
+    assert bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=0, rtol=0)))
+    too_long = [{**steps[0], "inputs_embeds": np.zeros((2, 17, 8), np.float16)}]
+    with pytest.raises(QvlmError, match="outside the prefill profile's 1..16"):
+        Comparator.run([candidate], data_loader=too_long)
+    engines.deactivate()

@@ -27,7 +27,7 @@ from ..errors import QvlmError
 from ..manifest import atomic_directory, build_manifest, digest, hash_tree, sha256_file, write_manifest
 from .environment import TrtEnvironment, detect_environment
 from .profiles import BuildProfile
-from .shapes import ShapeRange, optimization_profiles, read_graph_inputs
+from .shapes import InputSpec, ShapeRange, optimization_profiles, read_graph_inputs
 
 GRAPHS = ("vision", "embed", "decoder")
 ENGINE_KIND = "engines"
@@ -42,6 +42,7 @@ class EngineSpec:
 
     graph: str
     source: Path
+    inputs: tuple[InputSpec, ...]
     profiles: tuple[tuple[str, dict[str, ShapeRange]], ...]
 
     @property
@@ -49,7 +50,10 @@ class EngineSpec:
         return f"{self.graph}.engine"
 
     def describe(self, bundle: Path) -> dict[str, Any]:
+        from onnx import helper
+
         return {"file": self.engine_file, "source": str(self.source.relative_to(bundle)),
+                "inputs": {s.name: helper.tensor_dtype_to_np_dtype(s.elem_type).name for s in self.inputs},
                 "optimization_profiles": [
                     {"name": phase, "shapes": {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
                                                for name, s in shapes.items()}}
@@ -99,8 +103,9 @@ def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
     specs = []
     for graph in GRAPHS:
         source = locate_graph(bundle, graph, profile.graph_dtype)
-        phases = optimization_profiles(graph, read_graph_inputs(source), profile, where=str(source.relative_to(bundle)))
-        specs.append(EngineSpec(graph, source, tuple(phases)))
+        inputs = read_graph_inputs(source)
+        phases = optimization_profiles(graph, inputs, profile, where=str(source.relative_to(bundle)))
+        specs.append(EngineSpec(graph, source, tuple(inputs), tuple(phases)))
     return BuildPlan(bundle, profile, tuple(specs))
 
 

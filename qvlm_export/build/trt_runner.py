@@ -111,3 +111,57 @@ class TrtEngineSet:
         check_feed_shapes(self.manifest, graph, phase, feeds, where=str(self.engine_dir))
         contiguous = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
         return dict(self._runners[(graph, phase)].infer(contiguous))
+
+
+def input_metadata(manifest: dict[str, Any], graph: str):
+    """Polygraphy ``TensorMetadata`` of one engine from its manifest: dtypes, and None on dynamic axes."""
+    from polygraphy.common import TensorMetadata
+    from polygraphy.datatype import DataType
+
+    entry = manifest["engines"][graph]
+    profiles = [p["shapes"] for p in entry["optimization_profiles"]]
+    meta = TensorMetadata()
+    for name, dtype in entry["inputs"].items():
+        ranges = [(p[name]["min"], p[name]["max"]) for p in profiles]
+        shape = [ranges[0][0][axis] if all(lo[axis] == hi[axis] == ranges[0][0][axis] for lo, hi in ranges) else None
+                 for axis in range(len(ranges[0][0]))]
+        meta.add(name, dtype=DataType.from_dtype(np.dtype(dtype)), shape=shape)
+    return meta
+
+
+def graph_runner(engines: Path | TrtEngineSet, graph: str, name: str | None = None):
+    """A Polygraphy runner for one graph of an engine set (validate's TensorRT candidate).
+
+    Pass an engine directory (the runner owns and activates its own engine set) or an
+    active ``TrtEngineSet`` shared by the runners of several graphs. The decoder runner
+    picks the prefill or decode profile per call, so Polygraphy's ``Comparator`` can feed
+    it any step.
+    """
+    import time
+    from collections import OrderedDict
+
+    from polygraphy.backend.base import BaseRunner
+
+    class TrtGraphRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name or f"tensorrt-{graph}", prefix="tensorrt")
+            self.owned = isinstance(engines, str | Path)
+
+        def activate_impl(self):
+            self.engines = TrtEngineSet(Path(engines)).activate() if self.owned else engines
+
+        def get_input_metadata_impl(self):
+            return input_metadata(self.engines.manifest, graph)
+
+        def infer_impl(self, feed_dict):
+            start = time.time()
+            outputs = self.engines.run(graph, dict(feed_dict))
+            self.inference_time = time.time() - start
+            return OrderedDict(outputs)
+
+        def deactivate_impl(self):
+            if self.owned:
+                self.engines.deactivate()
+            del self.engines
+
+    return TrtGraphRunner()
