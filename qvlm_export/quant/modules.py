@@ -16,7 +16,7 @@ from torch import nn
 
 from . import functional as F
 from .recipe import QuantRecipe
-from .state import LayerQuant, QuantState
+from .state import LayerQuant, QuantState, code_dtype
 
 COMPONENT_PREFIXES = {
     "vision_tower": "model.vision_tower.",
@@ -49,7 +49,7 @@ def rtn_layer(weight: torch.Tensor, recipe: QuantRecipe, input_scale: torch.Tens
     w = recipe.weights
     scale, zp = F.choose_qparams(weight.float(), w.bits, w.symmetric, w.granularity, w.group_size, clip_ratio)
     codes = F.quantize(weight.float(), scale, zp, w.bits, w.symmetric, w.granularity, w.group_size)
-    return LayerQuant(weight_codes=codes.to(torch.int8), weight_scale=scale.float(), weight_zero_point=zp,
+    return LayerQuant(weight_codes=codes.to(code_dtype(w.symmetric)), weight_scale=scale.float(), weight_zero_point=zp,
                       weight_bits=w.bits, granularity=w.granularity, group_size=w.group_size,
                       symmetric=w.symmetric, input_scale=input_scale, act_bits=recipe.activations.bits)
 

@@ -3,9 +3,9 @@
 Directory layout::
 
     quant.safetensors   per quantized Linear ``<name>``:
-                          <name>.weight_codes        int8 [out, in] integer codes
+                          <name>.weight_codes        int8 [out, in] integer codes (uint8 when asymmetric)
                           <name>.weight_scale        fp32 [out] (channel) | [out, ceil(in/g)] (group) | [] (tensor)
-                          <name>.weight_zero_point   int8, shape of weight_scale (0 when symmetric)
+                          <name>.weight_zero_point   int8 (uint8 when asymmetric), shape of weight_scale (0 when symmetric)
                           <name>.input_scale         fp32 [] (absent when activations stay float)
                         float parameters the method rewrote (smoothing folded into a norm or linear):
                           override.<parameter name>  fp32
@@ -34,11 +34,16 @@ from .recipe import QuantRecipe, recipe_from_dict
 STATE_FORMAT = 1
 
 
+def code_dtype(symmetric: bool) -> torch.dtype:
+    """Storage dtype of integer codes and zero points: int8 (symmetric) or uint8 (asymmetric, 0..255)."""
+    return torch.int8 if symmetric else torch.uint8
+
+
 @dataclass
 class LayerQuant:
     """Quantization of one Linear: integer weight codes and the static input scale."""
 
-    weight_codes: torch.Tensor  # int8 (int32 accepted, stored as int8)
+    weight_codes: torch.Tensor  # int8, uint8 when asymmetric (int32 accepted; stored as code_dtype)
     weight_scale: torch.Tensor
     weight_zero_point: torch.Tensor
     weight_bits: int
@@ -69,9 +74,10 @@ class QuantState:
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, lq in sorted(self.layers.items()):
-            out[f"{name}.weight_codes"] = lq.weight_codes.to(torch.int8).contiguous()
+            # Asymmetric 8-bit codes and zero points span 0..255: int8 would wrap them.
+            out[f"{name}.weight_codes"] = lq.weight_codes.to(code_dtype(lq.symmetric)).contiguous()
             out[f"{name}.weight_scale"] = lq.weight_scale.float().contiguous()
-            out[f"{name}.weight_zero_point"] = lq.weight_zero_point.to(torch.int8).contiguous()
+            out[f"{name}.weight_zero_point"] = lq.weight_zero_point.to(code_dtype(lq.symmetric)).contiguous()
             if lq.input_scale is not None:
                 out[f"{name}.input_scale"] = lq.input_scale.float().reshape(()).contiguous()
         for pname, t in sorted(self.float_overrides.items()):

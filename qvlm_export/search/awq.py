@@ -1,0 +1,93 @@
+"""AWQ (Lin et al., MLSys 2024): activation-aware per-channel weight scaling, then clipping search.
+
+For each group of Linears fed by one producer (see :mod:`.smoothing`):
+``s = mean|x|^r / sqrt(max * min)`` for ``r`` on a grid of ``grid`` points in [0, 1); the
+chosen ``r`` minimises the block-output error with that group's weights pseudo-quantized
+as ``Q(W diag(s)) diag(s)^-1`` and everything else in float (the paper's objective
+``||Q(W s)(s^-1 X) - W X||``, measured at the layer output on the quantized-stream
+inputs). The scales are folded into the producer. Then, per Linear except q/k (whose
+output error is not what attention sees), llm-awq's clipping search picks a per-group
+shrink of the absmax range, and the weights are rounded on that grid. Linears behind a
+nonlinearity with no foldable producer (CLIP fc2, the projector) only get the clipping.
+
+method_args: ``grid`` (20), ``clip`` (true), ``clip_grid`` (20), ``max_shrink`` (0.5),
+``clip_tokens`` (512 input rows per Linear for the clipping search).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import QvlmError
+from ..quant.calibrate import BlockContext
+from ..quant.modules import rtn_layer
+from ..quant.recipe import QuantRecipe
+from ..quant.state import LayerQuant
+from .algorithms import awq_clip_ratio, awq_scales, pseudo_quantize
+from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .registry import register_method
+from .smoothing import ScaleGroup, find_scale_groups, fold_scales
+from .stats import InputStats, collect_input_stats, masked_mse, run_block
+
+_ARGS = {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
+_NO_CLIP = ("q_proj", "k_proj")
+
+
+@register_method("awq")
+class AWQ:
+    def __init__(self, recipe: QuantRecipe):
+        unknown = sorted(set(recipe.method_args) - set(_ARGS))
+        if unknown:
+            raise QvlmError(f"awq: unknown method_args key {unknown[0]!r}; allowed: {sorted(_ARGS)}")
+        self.recipe = recipe
+        self.args = {**_ARGS, **recipe.method_args}
+
+    def plan(self, calibrator) -> None:
+        return None
+
+    def search_scale(self, ctx: BlockContext, group: ScaleGroup, absmean: torch.Tensor,
+                     targets: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """Grid-search the exponent ``r``; returns it and its scales. Leaves the weights as found."""
+        w = self.recipe.weights
+        linears = [ctx.root.get_submodule(c) for c in group.consumers]
+        originals = [lin.weight.detach().clone() for lin in linears]
+        best = (float("inf"), 0.0, torch.ones_like(absmean))
+        try:
+            for i in range(int(self.args["grid"])):
+                ratio = i / int(self.args["grid"])
+                s = awq_scales(absmean, ratio)
+                with torch.no_grad():
+                    for lin, w0 in zip(linears, originals):
+                        lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size) / s)
+                err = masked_mse(ctx, run_block(ctx), targets)
+                if err < best[0]:
+                    best = (err, ratio, s)
+        finally:
+            with torch.no_grad():
+                for lin, w0 in zip(linears, originals):
+                    lin.weight.copy_(w0)
+        return best[1], best[2]
+
+    def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
+        w, weight = self.recipe.weights, linear.weight.detach()
+        if not self.args["clip"] or w.granularity == "tensor" or name.endswith(_NO_CLIP):
+            return rtn_layer(weight, self.recipe)
+        group = w.group_size if w.granularity == "group" else weight.shape[1]
+        ratio = awq_clip_ratio(weight, stats.sample_rows(), w.bits, group, int(self.args["clip_grid"]),
+                               float(self.args["max_shrink"]))
+        return rtn_layer(weight, self.recipe, clip_ratio=ratio if w.granularity == "group" else ratio.reshape(-1))
+
+    def block(self, ctx: BlockContext) -> None:
+        before = snapshot_parameters(ctx)
+        targets = run_block(ctx, fp=True)
+        ratios = {}
+        for group in find_scale_groups(ctx):
+            absmean = collect_input_stats(ctx, group.consumers[:1])[group.consumers[0]].channel_absmean
+            ratio, s = self.search_scale(ctx, group, absmean, targets)
+            fold_scales(ctx.root, group, s)
+            ratios[group.producer] = ratio
+        record_rewritten_parameters(ctx, before)
+        ctx.extras["awq_ratio"] = ratios
+        keep = int(self.args["clip_tokens"]) if self.args["clip"] else 0
+        quantize_sequentially(ctx, self.rule, keep_tokens=keep)

@@ -1,0 +1,30 @@
+"""RTN: round-to-nearest weights with min/max (absmax) scales; the baseline every paper starts from."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..quant.calibrate import BlockContext
+from ..quant.modules import rtn_layer
+from ..quant.recipe import QuantRecipe
+from ..quant.state import LayerQuant
+from .base import quantize_sequentially
+from .registry import register_method
+from .stats import InputStats
+
+
+@register_method("rtn")
+class RTN:
+    """Weights rounded to nearest on their absmax grid; static absmax input scales."""
+
+    def __init__(self, recipe: QuantRecipe):
+        self.recipe = recipe
+
+    def plan(self, calibrator) -> None:
+        return None
+
+    def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
+        return rtn_layer(linear.weight.detach(), self.recipe)
+
+    def block(self, ctx: BlockContext) -> None:
+        quantize_sequentially(ctx, self.rule)

@@ -1,0 +1,59 @@
+"""SmoothQuant (Xiao et al., ICML 2023): migrate activation outliers into the weights, then RTN.
+
+Per input channel ``j`` of every Linear group fed by a norm (q/k/v, gate/up or fc1) and,
+where shapes match one-to-one, of o_proj fed by v_proj:
+``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``, ``X <- X diag(s)^-1`` folded into the
+producer, ``W <- W diag(s)``. ``max|X_j|`` is measured on the block's quantized-stream
+inputs (the paper calibrates on the FP model; sequential calibration sees what the
+deployed model sees). Weights are then RTN per output channel and activations get
+static per-tensor scales, the paper's "O3" (per-tensor static) deployment. down_proj /
+fc2 follow a nonlinearity and stay unsmoothed, as in the paper's Llama recipe.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..quant.calibrate import BlockContext
+from ..quant.modules import rtn_layer
+from ..quant.recipe import QuantRecipe
+from ..quant.state import LayerQuant
+from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .registry import register_method
+from .smoothing import consumer_weight_absmax, find_scale_groups, fold_scales, smoothquant_scales
+from .stats import InputStats, collect_input_stats
+
+
+@register_method("smoothquant")
+class SmoothQuant:
+    def __init__(self, recipe: QuantRecipe):
+        self.recipe = recipe
+        self.alpha = float(recipe.method_args.get("alpha", 0.5))
+        if not 0.0 <= self.alpha <= 1.0:
+            from ..errors import QvlmError
+
+            raise QvlmError(f"smoothquant: method_args.alpha must be in [0, 1], got {self.alpha}")
+
+    def plan(self, calibrator) -> None:
+        return None
+
+    def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
+        return rtn_layer(linear.weight.detach(), self.recipe)
+
+    def smooth(self, ctx: BlockContext) -> dict[str, list[float]]:
+        """Fold the smoothing scales of every group of the block; returns the scales by producer."""
+        groups = find_scale_groups(ctx)
+        stats = collect_input_stats(ctx, [g.consumers[0] for g in groups])
+        applied = {}
+        for g in groups:
+            s = smoothquant_scales(stats[g.consumers[0]].channel_absmax, consumer_weight_absmax(ctx.root, g), self.alpha)
+            fold_scales(ctx.root, g, s)
+            applied[g.producer] = [round(float(s.min()), 6), round(float(s.max()), 6)]
+        return applied
+
+    def block(self, ctx: BlockContext) -> None:
+        before = snapshot_parameters(ctx)
+        ranges = self.smooth(ctx)
+        record_rewritten_parameters(ctx, before)
+        ctx.extras["smoothquant_scale_range"] = ranges
+        quantize_sequentially(ctx, self.rule)
