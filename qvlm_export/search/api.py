@@ -1,0 +1,114 @@
+"""``quantize``: the one Python entry point of the search stage (the CLI's ``quantize`` calls it).
+
+recipe -> method (registry) -> ``method.plan`` -> ``SequentialCalibrator.run(method.block)``
+-> quant-state artifact (``quant.safetensors``, ``recipe.yaml``, ``state.json``,
+``manifest.json``), written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data.synthetic import Sample
+from ..errors import QvlmError
+from ..manifest import atomic_directory, build_manifest, digest, hash_tree, write_manifest
+from ..quant.recipe import CalibrationSpec, QuantRecipe, load_recipe
+from ..quant.state import QuantState
+
+ARTIFACT_KIND = "quant-state"
+
+
+def calibration_samples(calib: str | Path, spec: CalibrationSpec) -> list[Sample]:
+    """The recipe's ``samples`` calibration samples of ``calib`` (a seeded subset when it has more)."""
+    from ..data.manifest import load_dataset
+
+    samples = load_dataset(calib)
+    if len(samples) <= spec.samples:
+        return samples
+    keep = np.sort(np.random.default_rng(spec.seed).choice(len(samples), spec.samples, replace=False))
+    return [samples[int(i)] for i in keep]
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """SHA-256 over the pixels, questions and answers of ``samples`` (builtin or file, same rule)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(np.asarray(s.image).tobytes())
+        h.update(f"{s.question}|{s.answer}|{s.qtype}\n".encode())
+    return h.hexdigest()
+
+
+def state_to_cpu(state: QuantState) -> QuantState:
+    layers = {}
+    for name, lq in state.layers.items():
+        layers[name] = dataclasses.replace(
+            lq, weight_codes=lq.weight_codes.cpu(), weight_scale=lq.weight_scale.cpu(),
+            weight_zero_point=lq.weight_zero_point.cpu(),
+            input_scale=None if lq.input_scale is None else lq.input_scale.cpu())
+    overrides = {k: v.cpu() for k, v in state.float_overrides.items()}
+    return dataclasses.replace(state, layers=layers, float_overrides=overrides)
+
+
+def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None):
+    from ..quant.calibrate import SequentialCalibrator
+
+    kwargs = {}
+    if checkpoint_dir is not None:
+        # Checkpoint/resume lives in the calibrator; older calibrators have no such option.
+        if "checkpoint_dir" not in inspect.signature(SequentialCalibrator).parameters:
+            raise QvlmError("this version's calibrator cannot checkpoint; drop --checkpoint-dir")
+        kwargs["checkpoint_dir"] = Path(checkpoint_dir)
+    return SequentialCalibrator(vlm, samples, recipe, batch_size=recipe.calibration.batch_size,
+                                device=device, **kwargs)
+
+
+def _run(method, calibrator, progress: bool) -> QuantState:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    partition = method.plan(calibrator)
+    total = len(partition) if partition else len(calibrator.units)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+               TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"{calibrator.recipe.method} {calibrator.recipe.setting}", total=total)
+        return calibrator.run(method.block, partition,
+                              progress=lambda name: bar.update(task, advance=1, description=name.rsplit(",")[-1]))
+
+
+def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
+             calib: str | Path = "builtin:calib", out: str | Path = "quant", device: str | None = None,
+             progress: bool = True, checkpoint_dir: str | Path | None = None) -> Path:
+    """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``."""
+    import torch
+
+    from ..load.model import load_vlm
+    from .registry import get_method
+
+    rec = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    if rec.method == "fp":
+        raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
+    method = get_method(rec.method)(rec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vlm = load_vlm(model, device=device)
+    samples = calibration_samples(calib, rec.calibration)
+    calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir)
+    start = time.perf_counter()
+    state = _run(method, calibrator, progress)
+    seconds = time.perf_counter() - start
+    state.extras["search_seconds"] = round(seconds, 3)
+    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
+    state = state_to_cpu(state)
+    config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
+    inputs = {"model": digest(hash_tree(vlm.path)), "calibration": samples_digest(samples)}
+    with atomic_directory(Path(out)) as tmp:
+        state.save(tmp)
+        write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
+                                           extra={"setting": rec.setting, "deployable": rec.deployable,
+                                                  "runs_on": rec.runs_on}))
+    return Path(out)
