@@ -34,6 +34,8 @@ from .stats import LOWER_BOUNDED, STAT_NAMES, ErrorStats
 THRESHOLDS_VERSION = 1
 RUNNERS = ("faithful", "fast", "tensorrt", "drift")
 TASK_KEYS = ("max_accuracy_drop", "min_identical_answers")
+# Task-level statistics that are lower bounds (the rest are upper bounds).
+TASK_LOWER_BOUNDED = ("identical_answers",)
 # Runners whose bounds fall back to the faithful section when they have none of their own.
 FALLS_BACK_TO_FAITHFUL = ("fast", "tensorrt")
 
@@ -48,7 +50,7 @@ class Check:
 
     @property
     def lower_bound(self) -> bool:
-        return self.stat in LOWER_BOUNDED
+        return self.stat in LOWER_BOUNDED or self.stat in TASK_LOWER_BOUNDED
 
     @property
     def passed(self) -> bool:

@@ -1,0 +1,169 @@
+"""Render ``report.json`` as one self-contained HTML page (inline CSS, plots as data URIs, no scripts)."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Any
+
+from . import plots
+from .stats import STAT_NAMES
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
+background:#fff}
+h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
+td.l,th.l{text-align:left}.pass{color:#19692c;font-weight:600}.fail{color:#b3261e;font-weight:600}
+.bad{background:#fde7e7}.ok{background:#eaf6ec}.thr{color:#666;font-size:11px}
+.badge{display:inline-block;padding:4px 12px;border-radius:4px;color:#fff;font-weight:700}
+.badge.pass{background:#19692c}.badge.fail{background:#b3261e}.muted{color:#666}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}code{background:#f5f5f5;padding:1px 4px}
+"""
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, str):
+        return escape(v)
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _as_float(v: Any) -> float:
+    return float(v) if v is not None else math.nan
+
+
+def _verdict(passed: bool) -> str:
+    return f'<span class="{"pass" if passed else "fail"}">{"PASS" if passed else "FAIL"}</span>'
+
+
+def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{escape(h)}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(c if c.startswith("<td") else f'<td class="{"l" if i < left else ""}">{c}</td>'
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _stat_cell(stat: str, stats: dict, checks: dict) -> str:
+    value = _num(stats.get(stat))
+    if stat not in checks:
+        return f"<td>{value}</td>"
+    c = checks[stat]
+    return (f'<td class="{"ok" if c["passed"] else "bad"}">{value}'
+            f'<br><span class="thr">{escape(c["op"])} {_num(c["bound"])}</span></td>')
+
+
+def _parity_section(candidate: dict) -> str:
+    rows = []
+    for g in candidate["graphs"]:
+        for o in g["outputs"]:
+            checks = {c["stat"]: c for c in o["checks"]}
+            rows.append([escape(g["graph"]), escape(o["output"]), f'{escape(o["comparison"])} vs {escape(o["against"])}',
+                         *[_stat_cell(s, o["stats"], checks) for s in STAT_NAMES], _verdict(o["passed"])])
+    parts = ["<h3>Per-graph parity (worst calibration iteration; thresholds under each value)</h3>",
+             _table(["graph", "output", "comparison", *STAT_NAMES, "verdict"], rows, left=3)]
+    runners = sorted({r for g in candidate["graphs"] for r in g["runtime_ms"]})
+    if runners:
+        rows = [[escape(g["graph"]), str(g["iterations"]), *[_num(g["runtime_ms"].get(r)) for r in runners]]
+                for g in candidate["graphs"]]
+        parts += ["<h3>Mean inference time per calibration feed (ms)</h3>",
+                  _table(["graph", "feeds", *runners], rows)]
+    outputs = [(g["graph"], o) for g in candidate["graphs"] for o in g["outputs"]]
+    if outputs:
+        labels = sorted({f'{g}/{o["output"]}' for g, o in outputs})
+        series: dict[str, list[float]] = {}
+        for comparison in sorted({o["comparison"] for _, o in outputs}):
+            by_label = {f'{g}/{o["output"]}': _as_float(o["stats"]["sqnr_db"])
+                        for g, o in outputs if o["comparison"] == comparison}
+            series[comparison] = [by_label.get(label, math.nan) for label in labels]
+        parts.append(_img(plots.grouped_bars(labels, series, "SQNR (dB, inf drawn at 100)",
+                                             "Parity SQNR per output and comparison"), "parity SQNR"))
+    return "".join(parts)
+
+
+def _task_section(candidate: dict) -> str:
+    if not candidate["task"]:
+        return ""
+    first = candidate["task"][0]
+    qtypes = [*first["reference"]["by_type"], "overall"]
+
+    def acc(result: dict, t: str) -> float:
+        return result["overall"] if t == "overall" else result["by_type"].get(t, math.nan)
+
+    headers, columns = ["question type", "reference"], [[acc(first["reference"], t) for t in qtypes]]
+    series = {"reference": columns[0]}
+    for task in candidate["task"]:
+        headers += [task["runner"], f'delta ({task["runner"]})']
+        values = [acc(task["candidate"], t) for t in qtypes]
+        columns += [values, [task["delta"].get(t, math.nan) for t in qtypes]]
+        series[task["runner"]] = values
+    rows = [[escape(t), *[_num(col[i]) for col in columns]] for i, t in enumerate(qtypes)]
+    checks = [[escape(t["runner"]), escape(c["stat"]), _num(c["value"]), f'{escape(c["op"])} {_num(c["bound"])}',
+               _verdict(c["passed"])] for t in candidate["task"] for c in t["checks"]]
+    checks += [[escape(t["runner"]), "identical_answers", _num(t["identical_answers"]), "-", "-"]
+               for t in candidate["task"] if not any(c["stat"] == "identical_answers" for c in t["checks"])]
+    return "".join([
+        f'<h3>Task parity ({first["n"]} eval samples, greedy exact match)</h3>', _table(headers, rows),
+        _table(["runner", "statistic", "measured", "threshold", "verdict"], checks),
+        _img(plots.grouped_bars(qtypes, series, "accuracy", "Accuracy by question type", cap=1.0), "accuracy"),
+    ])
+
+
+def _layers_section(candidate: dict) -> str:
+    layers = candidate.get("layers")
+    if not layers or not layers.get("names"):
+        return '<p class="muted">No per-layer data (the candidate bundle records no quant state).</p>'
+    names = layers["names"]
+    parts = ["<h3>Per-layer quantization</h3>"]
+    if layers.get("entropy"):
+        blocks = layers.get("blocks") or None
+        parts.append(_img(plots.layer_line(names, {"activation entropy (bits)": layers["entropy"]}, "entropy (bits)",
+                                           "Per-layer activation entropy and Q-VLM block partition", blocks),
+                          "entropy and partition"))
+    else:
+        parts.append('<p class="muted">The quant state records no per-layer entropy (not a Q-VLM search).</p>')
+    errors = {k: v for k, v in (layers.get("errors") or {}).items() if v}
+    if errors:
+        parts.append(_img(plots.layer_line(names, errors, "SQNR (dB)", "Per-layer quantization error"),
+                          "per-layer error"))
+    return "".join(parts)
+
+
+def _candidate(c: dict) -> str:
+    skipped = "".join(f"<li>{escape(s)}</li>" for s in c["skipped"])
+    setting = (f'setting <b>{escape(c["setting"].upper())}</b> ({"deployable" if c["deployable"] else "simulated only"}'
+               f'; runs on: {escape(c["runs_on"])})')
+    return "".join([
+        f'<h2>{escape(c["name"])} {_verdict(c["passed"])}</h2>',
+        f'<p>{setting}; method <code>{escape(str(c.get("method")))}</code>; bundle <code>{escape(c["bundle"])}</code></p>',
+        f"<ul>{skipped}</ul>" if skipped else "",
+        _parity_section(c), _task_section(c), _layers_section(c),
+    ])
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The whole page for a ``report.json`` mapping."""
+    passed = report["passed"]
+    failures = "".join(f"<li><code>{escape(f)}</code></li>" for f in report["failures"])
+    ref = report["reference"]
+    timings = ", ".join(f"{escape(k)} {v:.1f} s" for k, v in report.get("timings_s", {}).items())
+    body = "".join([
+        f'<h1>qvlm-export validation <span class="badge {"pass" if passed else "fail"}">'
+        f'{"PASSED" if passed else "FAILED"}</span></h1>',
+        f'<p>Reference: <code>{escape(str(ref.get("path")))}</code> ({escape(str(ref.get("kind")))}); '
+        f'thresholds: <code>{escape(report["thresholds"]["source"])}</code>.</p>',
+        f"<p class=\"muted\">Stage times: {timings}</p>" if timings else "",
+        f"<h2>Failures</h2><ul>{failures}</ul>" if failures else "",
+        *[_candidate(c) for c in report["candidates"]],
+    ])
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<link rel=\"icon\" href=\"data:,\"><title>qvlm-export validation report</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")

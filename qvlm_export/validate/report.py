@@ -1,0 +1,95 @@
+"""The validation report: what was compared, every measured number beside its threshold, the verdict.
+
+``report.json`` is the machine-readable record (a release pipeline gates on ``passed`` or the
+exit code); ``report.html`` is rendered from the same JSON by :mod:`.html`, so the two cannot
+disagree. Both live in the validate artifact directory with a ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .parity import GraphParity
+from .task import TaskParity
+from .thresholds import ThresholdConfig
+
+REPORT_KIND = "validation-report"
+REPORT_FORMAT = 1
+
+
+@dataclass
+class CandidateResult:
+    """One candidate bundle (optionally with engines): graph parity per runner and task parity."""
+
+    name: str
+    bundle: str
+    setting: str
+    deployable: bool
+    runs_on: str
+    method: str | None = None
+    graphs: list[GraphParity] = field(default_factory=list)
+    task: list[TaskParity] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "tensorrt: skipped: ..." lines
+    layers: dict[str, Any] | None = None  # per-layer entropy, partition and error (see .layers)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.graphs) and all(t.passed for t in self.task)
+
+    def failures(self) -> list[str]:
+        lines = [line for g in self.graphs for line in g.failures()]
+        lines += [line for t in self.task for line in t.failures()]
+        return [f"{self.name} [{self.setting}]: {line}" for line in lines]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "bundle": self.bundle, "setting": self.setting, "deployable": self.deployable,
+                "runs_on": self.runs_on, "method": self.method, "passed": self.passed, "skipped": self.skipped,
+                "graphs": [g.to_json() for g in self.graphs], "task": [t.to_json() for t in self.task],
+                "layers": self.layers}
+
+
+@dataclass
+class ValidationReport:
+    reference: dict[str, Any]
+    candidates: list[CandidateResult]
+    thresholds: ThresholdConfig
+    config: dict[str, Any]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.candidates)
+
+    def failures(self) -> list[str]:
+        return [line for c in self.candidates for line in c.failures()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": REPORT_KIND, "format": REPORT_FORMAT, "passed": self.passed, "failures": self.failures(),
+                "reference": self.reference, "candidates": [c.to_json() for c in self.candidates],
+                "thresholds": self.thresholds.to_json(), "config": self.config, "timings_s": self.timings_s}
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats as strings ("inf", "nan"): strict JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_report_files(report: ValidationReport, out_dir: Path) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir``; return the JSON mapping."""
+    from .html import render_html
+
+    data = _json_safe(report.to_json())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    (out_dir / "report.html").write_text(render_html(data))
+    return data
