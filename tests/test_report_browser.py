@@ -58,9 +58,11 @@ def report_dir(tmp_path_factory) -> Path:
     wrong = [s.answer if i % 5 else "no" for i, s in enumerate(samples)]  # every 5th answer wrong
     task = task_parity("faithful", ref, score(samples, wrong), thresholds.task_bounds("w8a8"))
     names = [f"model.language_model.layers.{i // 7}.proj{i % 7}" for i in range(28)]
-    layers = {"names": names, "entropy": [3 + np.sin(i / 3) for i in range(28)],
-              "blocks": [[0, 1, 2], [3, 4], [5], *[[i] for i in range(6, 28)]],
-              "errors": {"weight SQNR (dB)": [30 + i % 5 for i in range(28)]}}
+    layers = {"entropy": {"names": names, "values": [3 + np.sin(i / 3) for i in range(28)],
+                          "blocks": [[0, 1, 2], [3, 4], [5], *[[i] for i in range(6, 28)]],
+                          "dependency": [0.5 + 0.3 * np.cos(i) for i in range(27)], "p": 0.35},
+              "error": {"names": [f"decoder.layers.{i}" for i in range(8)] + ["logits"],
+                        "sqnr_db": [40.0 - 2 * i for i in range(8)] + [float("inf")]}}
     candidate = CandidateResult(name="w8a8", bundle="bundles/w8a8", setting="w8a8", deployable=True,
                                 runs_on="TensorRT INT8 QDQ; ONNX Runtime QDQ", method="qvlm", graphs=[graph],
                                 task=[task], skipped=["tensorrt: skipped: tensorrt is not installed"], layers=layers)
@@ -81,7 +83,7 @@ def test_report_json_is_strict_and_carries_numbers_beside_thresholds(report_dir)
     html = (report_dir / "report.html").read_text()
     assert "&gt;= 30" in html and "FAILED" in html and "W8A8" in html
     assert "tensorrt: skipped: tensorrt is not installed" in html
-    assert html.count("data:image/png;base64,") == 4  # parity SQNR, accuracy, entropy+partition, per-layer error
+    assert html.count("data:image/png;base64,") == 5  # parity, accuracy, entropy, dependency, per-layer error
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: run tools/ensure_chromium.sh")
@@ -105,7 +107,7 @@ def test_report_renders_in_headless_chromium(report_dir):
             browser.close()
     assert problems == []
     assert title == "qvlm-export validation report"
-    assert decoded == [True] * 4
+    assert decoded == [True] * 5
     image = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert image.shape[0] > 900 and image.shape[1] == 1280  # full page: taller than the viewport
     assert image.std() > 20  # not a blank page

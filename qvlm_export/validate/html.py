@@ -118,21 +118,27 @@ def _task_section(candidate: dict) -> str:
 
 
 def _layers_section(candidate: dict) -> str:
-    layers = candidate.get("layers")
-    if not layers or not layers.get("names"):
-        return '<p class="muted">No per-layer data (the candidate bundle records no quant state).</p>'
-    names = layers["names"]
+    layers = candidate.get("layers") or {}
     parts = ["<h3>Per-layer quantization</h3>"]
-    if layers.get("entropy"):
-        blocks = layers.get("blocks") or None
-        parts.append(_img(plots.layer_line(names, {"activation entropy (bits)": layers["entropy"]}, "entropy (bits)",
-                                           "Per-layer activation entropy and Q-VLM block partition", blocks),
-                          "entropy and partition"))
+    entropy, error = layers.get("entropy"), layers.get("error")
+    if entropy:
+        blocks = entropy.get("blocks") or None
+        parts.append(_img(plots.layer_line(entropy["names"], {"activation entropy H (bits)": entropy["values"]},
+                                           "entropy (bits)", "Per-layer activation entropy and Q-VLM block partition",
+                                           blocks), "entropy and partition"))
+        if entropy.get("dependency"):
+            p = entropy.get("p")
+            parts.append(_img(plots.layer_line(
+                entropy["names"], {"d(k, k+1) = D / b": [*map(_as_float, entropy["dependency"]), math.nan]},
+                "normalised dependency", "Dependency of consecutive layers" + (f" (joins when > p = {p})" if p else ""),
+                blocks, hline=p), "dependency and partition"))
     else:
-        parts.append('<p class="muted">The quant state records no per-layer entropy (not a Q-VLM search).</p>')
-    errors = {k: v for k, v in (layers.get("errors") or {}).items() if v}
-    if errors:
-        parts.append(_img(plots.layer_line(names, errors, "SQNR (dB)", "Per-layer quantization error"),
+        parts.append('<p class="muted">No per-layer entropy: the quant state records none (not a Q-VLM search, '
+                     'or no quant state given).</p>')
+    if error:
+        values = [_as_float(v) for v in error["sqnr_db"]]
+        parts.append(_img(plots.layer_line(error["names"], {"output SQNR vs FP (dB)": values}, "SQNR (dB)",
+                                           "Per-layer error: layer output, simulated quantized vs FP"),
                           "per-layer error"))
     return "".join(parts)
 

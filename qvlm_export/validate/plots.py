@@ -69,7 +69,7 @@ def short_layer_name(name: str) -> str:
 
 
 def layer_line(layers: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, title: str,
-               blocks: Sequence[Sequence[int]] | None = None) -> str:
+               blocks: Sequence[Sequence[int]] | None = None, hline: float | None = None) -> str:
     """Per-layer values as lines; ``blocks`` (lists of layer indices) are shaded alternately."""
     fig, ax = _figure(max(7.0, 0.12 * len(layers) + 4), 3.4)
     for b, block in enumerate(blocks or []):
@@ -77,8 +77,11 @@ def layer_line(layers: Sequence[str], series: dict[str, Sequence[float]], ylabel
             ax.axvspan(min(block) - 0.5, max(block) + 0.5, color="#999999" if b % 2 else "#dddddd", alpha=0.35,
                        linewidth=0)
     for i, (name, values) in enumerate(series.items()):
-        ax.plot(range(len(values)), _finite(values, 1e9), marker="o", markersize=3, label=name,
+        # NaN and inf are left out of the line (matplotlib skips NaN) rather than squashing the axis.
+        ax.plot(range(len(values)), [v if math.isfinite(v) else math.nan for v in values], marker="o", markersize=3, label=name,
                 color=COLORS[i % len(COLORS)])
+    if hline is not None:
+        ax.axhline(hline, color="#c44e52", linestyle="--", linewidth=1)
     step = max(1, len(layers) // 30)
     ax.set_xticks(range(0, len(layers), step))
     ax.set_xticklabels([short_layer_name(layers[i]) for i in range(0, len(layers), step)], rotation=75, ha="right", fontsize=6)
