@@ -19,13 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
 from .algorithms import awq_clip_ratio, awq_scales, pseudo_quantize
-from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
 from .registry import register_method
 from .smoothing import ScaleGroup, find_scale_groups, fold_scales
 from .stats import InputStats, collect_input_stats, masked_mse, run_block
@@ -37,11 +36,8 @@ _NO_CLIP = ("q_proj", "k_proj")
 @register_method("awq")
 class AWQ:
     def __init__(self, recipe: QuantRecipe):
-        unknown = sorted(set(recipe.method_args) - set(_ARGS))
-        if unknown:
-            raise QvlmError(f"awq: unknown method_args key {unknown[0]!r}; allowed: {sorted(_ARGS)}")
         self.recipe = recipe
-        self.args = {**_ARGS, **recipe.method_args}
+        self.args = method_args(recipe, _ARGS)
 
     def plan(self, calibrator) -> None:
         return None
@@ -82,7 +78,7 @@ class AWQ:
         before = snapshot_parameters(ctx)
         targets = run_block(ctx, fp=True)
         ratios = {}
-        for group in find_scale_groups(ctx):
+        for group in find_scale_groups(ctx, through_gate=True):
             absmean = collect_input_stats(ctx, group.consumers[:1])[group.consumers[0]].channel_absmean
             ratio, s = self.search_scale(ctx, group, absmean, targets)
             fold_scales(ctx.root, group, s)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.modules import activation_scale
 from ..quant.recipe import QuantRecipe
@@ -22,6 +24,14 @@ from ..quant.state import LayerQuant
 from .stats import InputStats, collect_input_stats, input_groups
 
 WeightRule = Callable[[str, nn.Linear, InputStats], LayerQuant]
+
+
+def method_args(recipe: QuantRecipe, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's method_args over ``defaults``; an unknown key is a one-line error naming the allowed ones."""
+    unknown = sorted(set(recipe.method_args) - set(defaults))
+    if unknown:
+        raise QvlmError(f"{recipe.method}: unknown method_args key {unknown[0]!r}; allowed: {sorted(defaults)}")
+    return {**defaults, **recipe.method_args}
 
 
 def static_input_scale(stats: InputStats, recipe: QuantRecipe) -> torch.Tensor | None:

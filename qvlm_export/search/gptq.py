@@ -20,7 +20,7 @@ from ..quant.calibrate import BlockContext
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant, code_dtype
 from .algorithms import gptq_quantize
-from .base import quantize_sequentially
+from .base import method_args, quantize_sequentially
 from .registry import register_method
 from .stats import InputStats
 
@@ -30,11 +30,8 @@ _ARGS = {"damp": 0.01, "block_size": 128, "act_order": False, "static_groups": F
 @register_method("gptq")
 class GPTQ:
     def __init__(self, recipe: QuantRecipe):
-        unknown = sorted(set(recipe.method_args) - set(_ARGS))
-        if unknown:
-            raise QvlmError(f"gptq: unknown method_args key {unknown[0]!r}; allowed: {sorted(_ARGS)}")
         self.recipe = recipe
-        self.args = {**_ARGS, **recipe.method_args}
+        self.args = method_args(recipe, _ARGS)
         if not 0 < float(self.args["damp"]) < 1:
             raise QvlmError(f"gptq: method_args.damp must be in (0, 1), got {self.args['damp']}")
 

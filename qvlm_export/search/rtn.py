@@ -8,7 +8,7 @@ from ..quant.calibrate import BlockContext
 from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
-from .base import quantize_sequentially
+from .base import method_args, quantize_sequentially
 from .registry import register_method
 from .stats import InputStats
 
@@ -18,6 +18,7 @@ class RTN:
     """Weights rounded to nearest on their absmax grid; static absmax input scales."""
 
     def __init__(self, recipe: QuantRecipe):
+        method_args(recipe, {})
         self.recipe = recipe
 
     def plan(self, calibrator) -> None:

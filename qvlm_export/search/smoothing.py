@@ -53,14 +53,19 @@ def _is_norm(module: nn.Module) -> bool:
         getattr(module, "weight", None) is not None
 
 
-def find_scale_groups(ctx: BlockContext) -> list[ScaleGroup]:
-    """Every foldable (producer, consumers) pair of the block whose consumers are all quantized."""
+def find_scale_groups(ctx: BlockContext, through_gate: bool = False) -> list[ScaleGroup]:
+    """Every foldable (producer, consumers) pair of the block whose consumers are all quantized.
+
+    ``through_gate`` adds up_proj -> down_proj (AWQ does; SmoothQuant's recipe does not).
+    """
     quantized = {name for name, _ in ctx.linears()}
     groups = []
     for unit, module in zip(ctx.units, ctx.modules):
         names = dict(module.named_modules())
         for producer, consumers in _CANDIDATES:
             if producer not in names or not all(c in names for c in consumers):
+                continue
+            if producer == "mlp.up_proj" and not through_gate:
                 continue
             full = tuple(f"{unit.name}.{c}" for c in consumers)
             if not set(full) <= quantized or not all(isinstance(names[c], nn.Linear) for c in consumers):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
-from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
 from .registry import register_method
 from .smoothing import consumer_weight_absmax, find_scale_groups, fold_scales, smoothquant_scales
 from .stats import InputStats, collect_input_stats
@@ -28,10 +29,8 @@ from .stats import InputStats, collect_input_stats
 class SmoothQuant:
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.alpha = float(recipe.method_args.get("alpha", 0.5))
+        self.alpha = float(method_args(recipe, {"alpha": 0.5})["alpha"])
         if not 0.0 <= self.alpha <= 1.0:
-            from ..errors import QvlmError
-
             raise QvlmError(f"smoothquant: method_args.alpha must be in [0, 1], got {self.alpha}")
 
     def plan(self, calibrator) -> None:
