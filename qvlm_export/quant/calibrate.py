@@ -19,9 +19,11 @@ how llm-compressor calibrates models far larger than the accelerator (DESIGN.md 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +31,8 @@ from torch import nn
 
 from ..data.synthetic import Sample
 from ..load.model import LoadedVLM, build_prompt
-from .modules import QuantLinear, component_of, set_submodule
+from .checkpoint import BlockCheckpoint, run_fingerprint
+from .modules import QuantLinear, apply_overrides, component_of, set_submodule
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState
 
@@ -168,12 +171,15 @@ class SequentialCalibrator:
     """Walks the model block by block, keeping one boundary's activations per stream."""
 
     def __init__(self, vlm: LoadedVLM, samples: Sequence[Sample], recipe: QuantRecipe,
-                 batch_size: int = 16, device: str | None = None, offload: str = "cpu"):
+                 batch_size: int = 16, device: str | None = None, offload: str = "cpu",
+                 checkpoint_dir: Path | None = None):
         self.vlm, self.recipe = vlm, recipe
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.offload = offload
         self.batches = encode_batches(vlm, samples, batch_size)
         self.units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
+        self.extras: dict[str, Any] = {}  # a method's plan() results, copied into the state's extras
+        self.checkpoint_dir = checkpoint_dir  # see run(); None: no checkpoints
 
     # -- boundaries -------------------------------------------------------------------
     def _vision_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
@@ -203,15 +209,27 @@ class SequentialCalibrator:
 
     # -- the walk ---------------------------------------------------------------------
     def run(self, block_fn: BlockFn, partition: list[list[int]] | None = None,
-            progress: Callable[[str], None] | None = None) -> QuantState:
-        """Quantize with ``block_fn`` over ``partition`` (lists of unit indices; default one unit a block)."""
+            progress: Callable[[str], None] | None = None, checkpoint_dir: Path | None = None) -> QuantState:
+        """Quantize with ``block_fn`` over ``partition`` (lists of unit indices; default one unit a block).
+
+        With ``checkpoint_dir`` (default: the constructor's) every finished block is saved there, and blocks already
+        saved by an earlier (killed) run with the same inputs are replayed instead of
+        searched, giving the same final state as an uninterrupted run (see quant/checkpoint.py).
+        """
         partition = partition or [[i] for i in range(len(self.units))]
-        state = QuantState(recipe=self.recipe, layers={}, model_path=str(self.vlm.path))
+        checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else self.checkpoint_dir
+        state = QuantState(recipe=self.recipe, layers={}, model_path=str(self.vlm.path),
+                           extras=copy.deepcopy(self.extras))
+        ckpt = None
+        if checkpoint_dir is not None:
+            inputs = [t for b in self.batches for t in (b.input_ids, b.attention_mask, b.pixel_values)]
+            fingerprint = run_fingerprint(self.vlm.model, self.recipe, [u.name for u in self.units], partition, inputs)
+            ckpt = BlockCheckpoint(Path(checkpoint_dir), fingerprint, self.recipe)
         with torch.no_grad():
             q_x, kw = self._vision_inputs()
         fp_x = [x.clone() for x in q_x]
         vision_hidden: dict[str, dict[int, list[torch.Tensor]]] = {"q": {0: q_x}, "fp": {0: fp_x}}
-        for block in partition:
+        for position, block in enumerate(partition):
             units = [self.units[i] for i in block]
             kind = units[0].kind
             if kind == "projector":
@@ -228,7 +246,12 @@ class SequentialCalibrator:
                     q_x, fp_x = [norm(x) for x in q_x], [norm(x) for x in fp_x]
                 kw = [{} for _ in self.batches]
             ctx = self._context(units, q_x, fp_x, kw)
-            block_fn(ctx)
+            if ckpt is not None and ckpt.has(position):
+                self._replay(ctx, ckpt.load(position))
+            else:
+                block_fn(ctx)
+                if ckpt is not None:
+                    ckpt.save(position, ctx.layers, ctx.overrides, ctx.extras)
             if progress:
                 progress(",".join(u.name for u in units))
             state.layers.update(ctx.layers)
@@ -240,6 +263,18 @@ class SequentialCalibrator:
                     state.extras[key] = value
             q_x, fp_x = self._propagate(ctx, units, vision_hidden)
         return state
+
+    def _replay(self, ctx: BlockContext, done: QuantState) -> None:
+        """Apply a checkpointed block's decisions to the live model instead of searching it."""
+        apply_overrides(self.vlm.model, done.float_overrides)
+        ctx.overrides.update(done.float_overrides)
+        for name, layer in done.layers.items():
+            device = ctx.root.get_submodule(name).weight.device
+            ctx.replace_linear(name, dataclasses.replace(
+                layer, weight_codes=layer.weight_codes.to(device), weight_scale=layer.weight_scale.to(device),
+                weight_zero_point=layer.weight_zero_point.to(device),
+                input_scale=None if layer.input_scale is None else layer.input_scale.to(device)))
+        ctx.extras.update(done.extras)
 
     def _context(self, units, q_x, fp_x, kw) -> BlockContext:
         modules = [self.vlm.model.get_submodule(u.name) for u in units]

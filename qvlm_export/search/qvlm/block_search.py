@@ -1,0 +1,187 @@
+"""Block-wise search of rounding functions and activation steps (Q-VLM's block objective).
+
+For a block ``B_i`` of consecutive units ending at unit ``L_i`` the search minimises
+
+    L = ||f_q(X_q) - f_r(X_r)||^2 / ||f_r(X_r)||^2  +  lambda * R_round  [+ eta * sum_k w_k H_soft(X_q^(k))]
+
+where ``f_q`` is the block with every Linear quantized (AdaRound weights, learnable
+static activation steps), ``X_q`` the block input from the already-quantized preceding
+blocks (``ctx.q_inputs``), ``f_r``/``X_r`` the full-precision block and input, the norm
+taken over the last unit's output on valid tokens (the paper's
+``||W_q^(L_i) X_q^(L_i) - W_r^(L_i) X_r^(L_i)||^2``, normalised so the loss scale does not
+depend on the layer). ``R_round`` is AdaRound's regulariser, annealed after a warm-up, so
+the soft rounding ends binary; the entropy term is the visual-encoder optimisation
+(:mod:`.visual`) and is only passed for vision blocks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ...quant.calibrate import BlockContext
+from ...quant.modules import QuantLinear, activation_scale, rtn_layer, set_submodule
+from .config import QVLMConfig
+from .entropy import probe_scale
+from .search_linear import SearchLinear, act_quant_error, mse_act_scale
+
+EntropyTerm = Callable[[dict[str, SearchLinear]], torch.Tensor]
+
+
+def swap_module(ctx: BlockContext, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` in the model and in the block's unit list (unit-level Linears)."""
+    set_submodule(ctx.root, name, module)
+    ctx.modules = [module if u.name == name else m for u, m in zip(ctx.units, ctx.modules)]
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return t if mask is None else t[mask.to(torch.bool)]
+
+
+def input_statistics(ctx: BlockContext, masks: list[torch.Tensor | None], bits: int | None,
+                     grid: tuple[float, ...]) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """Absolute maximum of every block Linear's input on the quantized stream, and (when ``bits``)
+    the per-tensor quantization error of each clipping ratio of ``grid``."""
+    linears = dict(ctx.linears())
+    absmax: dict[str, float] = dict.fromkeys(linears, 0.0)
+    errors: dict[str, dict[float, float]] = {n: dict.fromkeys(grid, 0.0) for n in linears}
+    current: dict[str, int] = {}
+
+    def hook_for(name: str, second_pass: bool):
+        def hook(_m, args):
+            x = _masked(args[0].detach(), masks[current["b"]])
+            if second_pass:
+                for r, e in act_quant_error(x, absmax[name], bits, grid).items():
+                    errors[name][r] += e
+            else:
+                absmax[name] = max(absmax[name], float(x.abs().max()) if x.numel() else 0.0)
+        return hook
+
+    for second_pass in ((False, True) if bits else (False,)):
+        handles = [m.register_forward_pre_hook(hook_for(n, second_pass)) for n, m in linears.items()]
+        try:
+            with torch.no_grad():
+                for b, x in enumerate(ctx.q_inputs):
+                    current["b"] = b
+                    ctx.forward(x, b)
+        finally:
+            for h in handles:
+                h.remove()
+    return absmax, errors
+
+
+def block_error(ctx: BlockContext, targets: list[torch.Tensor], masks: list[torch.Tensor | None]) -> float:
+    """``sum ||f_q(X_q) - f_r(X_r)||^2 / sum ||f_r(X_r)||^2`` over the calibration set (valid tokens)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b, x in enumerate(ctx.q_inputs):
+            y, t = _masked(ctx.forward(x, b), masks[b]), _masked(targets[b], masks[b])
+            num += float((y - t).pow(2).sum())
+            den += float(t.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float]) -> float:
+    """The block error of plain round-to-nearest (min/max weight steps, absmax activation steps)."""
+    originals = dict(ctx.linears())
+    bits = ctx.recipe.activations.bits
+    for name, lin in originals.items():
+        scale = activation_scale(absmax[name], bits) if bits else None
+        swap_module(ctx, name, QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias))
+    try:
+        return block_error(ctx, targets, masks)
+    finally:
+        for name, lin in originals.items():
+            swap_module(ctx, name, lin)
+
+
+def _progress(enabled: bool, description: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not (enabled and sys.stderr.isatty()))
+
+
+def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | None], seed: int,
+                 entropy_term: Callable[[dict[str, SearchLinear]], torch.Tensor] | None = None,
+                 probe_units: dict[str, str] | None = None) -> dict:
+    """Search the block's rounding and activation steps, then commit hard codes via ``ctx.replace_linear``.
+
+    ``probe_units`` maps unit name -> the name of its first Linear, whose captured input is
+    ``X^(k)`` for ``entropy_term`` (called with the captured SearchLinears). Returns the
+    block's statistics: RTN, initial and final block error, iterations and seconds.
+    """
+    start = time.perf_counter()
+    bits = ctx.recipe.activations.bits
+    with torch.no_grad():
+        targets = [ctx.forward(x, b, fp=True) for b, x in enumerate(ctx.fp_inputs)]
+    absmax, errors = input_statistics(ctx, masks, bits, cfg.clip_grid)
+    rtn_err = rtn_block_error(ctx, targets, masks, absmax)
+
+    frozen = [p for m in ctx.modules for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # only rounding logits and steps learn; keep the model's .grad untouched
+    search: dict[str, SearchLinear] = {}
+    for name, lin in ctx.linears():
+        act = mse_act_scale(errors[name], absmax[name], bits) if bits else None
+        search[name] = SearchLinear(lin, ctx.recipe, act, cfg.clip_grid).to(lin.weight.device)
+        swap_module(ctx, name, search[name])
+    for first in (probe_units or {}).values():
+        search[first].capture = True
+        if not search[first].quantize_input:  # A16: the entropy probe is a fixed 8-bit absmax code
+            search[first].step0.copy_(probe_scale(absmax[first], cfg.probe_bits))
+    try:
+        for sl in search.values():
+            sl.hard = True
+        init_err = block_error(ctx, targets, masks)
+        for sl in search.values():
+            sl.hard = False
+        _optimise(ctx, cfg, search, targets, masks, seed, entropy_term)
+        for sl in search.values():
+            sl.hard, sl.capture, sl.captured = True, False, None
+        final_err = block_error(ctx, targets, masks)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    for name, sl in search.items():
+        ctx.replace_linear(name, sl.to_layer())
+    return {"units": [u.name for u in ctx.units], "rtn_error": rtn_err, "init_error": init_err,
+            "error": final_err, "iterations": cfg.iterations, "seconds": time.perf_counter() - start}
+
+
+def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear], targets, masks, seed: int,
+              entropy_term) -> None:
+    if cfg.iterations == 0:
+        return
+    params_round = [sl.v for sl in search.values()]
+    params_step = [sl.log_step for sl in search.values() if sl.log_step is not None]
+    groups = [{"params": params_round, "lr": cfg.lr_round}]
+    if params_step:
+        groups.append({"params": params_step, "lr": cfg.lr_step})
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(seed)
+    energy = sum(float(_masked(t, m).pow(2).sum()) for t, m in zip(targets, masks))
+    count = sum(_masked(t, m).numel() for t, m in zip(targets, masks))
+    mean_energy = max(energy / max(count, 1), 1e-30)
+    warm = int(cfg.warmup * cfg.iterations)
+    label = ctx.units[0].name if len(ctx.units) == 1 else f"{ctx.units[0].name} (+{len(ctx.units) - 1})"
+    with _progress(cfg.progress, label, cfg.iterations) as bar:
+        task = bar.add_task(label, total=cfg.iterations)
+        for it in range(cfg.iterations):
+            b = int(torch.randint(len(ctx.q_inputs), (1,), generator=gen))
+            y = _masked(ctx.forward(ctx.q_inputs[b], b), masks[b])
+            loss = (y - _masked(targets[b], masks[b])).pow(2).mean() / mean_energy
+            if it >= warm:
+                frac = (it - warm) / max(cfg.iterations - warm, 1)
+                beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+                loss = loss + cfg.round_weight * sum(sl.regularizer(beta) for sl in search.values())
+            if entropy_term is not None:
+                loss = loss + entropy_term(search)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.advance(task)

@@ -1,0 +1,76 @@
+"""The Q-VLM search configuration: one frozen dataclass, read from a recipe's ``method_args``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import QvlmError
+
+
+@dataclass(frozen=True)
+class QVLMConfig:
+    """Hyperparameters of the Q-VLM search; defaults are tuned for a few CPU minutes per setting.
+
+    Attributes:
+        p: partition threshold on the normalised dependency ``D(k,k+1) / b`` in [0, 1]:
+            consecutive units join one block while it exceeds ``p`` (paper: ``p``).
+        max_depth: most units in one block (paper: 3).
+        eta: weight of the Jacobian-weighted entropy term in vision blocks (paper: ``eta``).
+        iterations: Adam steps per block.
+        lr_round: Adam learning rate of the AdaRound rounding logits.
+        lr_step: Adam learning rate of the log activation steps (LSQ gradient).
+        round_weight: weight of the AdaRound regulariser (mean over weights) once annealing starts.
+        warmup: fraction of iterations before the regulariser switches on.
+        beta: start and end of the regulariser's annealed exponent.
+        probe_bits: bit width of the entropy probe when activations are not quantized (A16).
+        dependency_mining: partition by ``D`` (off: every unit its own block, layer-wise search).
+        visual_optimization: add the entropy term to vision blocks (off: ``eta`` is ignored).
+        clip_grid: candidate clipping ratios for the initial weight and activation steps.
+        seed: search seed; ``None`` takes the recipe's calibration seed.
+        progress: show a progress bar per block.
+    """
+
+    p: float = 0.35
+    max_depth: int = 3
+    eta: float = 0.002
+    iterations: int = 160
+    lr_round: float = 0.02
+    lr_step: float = 0.005
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    probe_bits: int = 8
+    dependency_mining: bool = True
+    visual_optimization: bool = True
+    clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
+    seed: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_args(args: dict[str, Any], source: str = "method_args") -> QVLMConfig:
+    """Validate a recipe's ``method_args`` into a :class:`QVLMConfig`."""
+    names = {f.name for f in dataclasses.fields(QVLMConfig)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise QvlmError(f"{source}: unknown Q-VLM option {unknown[0]!r}; allowed: {sorted(names)}")
+    values = dict(args)
+    for key in ("beta", "clip_grid"):
+        if key in values:
+            values[key] = tuple(float(v) for v in values[key])
+    cfg = QVLMConfig(**values)
+    if not 0.0 <= cfg.p <= 1.0:
+        raise QvlmError(f"{source}: p must be in [0, 1] (a normalised dependency), got {cfg.p}")
+    if cfg.max_depth < 1:
+        raise QvlmError(f"{source}: max_depth must be at least 1, got {cfg.max_depth}")
+    if cfg.iterations < 0 or cfg.eta < 0 or cfg.lr_round <= 0 or cfg.lr_step <= 0:
+        raise QvlmError(f"{source}: iterations and eta must be >= 0 and learning rates > 0")
+    if not 2 <= cfg.probe_bits <= 8:
+        raise QvlmError(f"{source}: probe_bits must be in 2..8, got {cfg.probe_bits}")
+    if len(cfg.beta) != 2 or not cfg.clip_grid or not all(0 < r <= 1 for r in cfg.clip_grid):
+        raise QvlmError(f"{source}: beta must be [start, end] and clip_grid ratios in (0, 1]")
+    return cfg

@@ -1,0 +1,122 @@
+"""The learnable quantized Linear the block search optimises, and how its steps are initialised.
+
+During the search each Linear of a block is swapped for a :class:`SearchLinear`:
+
+* weight: fixed symmetric scale (per channel or per group, the recipe's granularity,
+  clipping ratio chosen per channel/group by weight MSE), learnable AdaRound rounding
+  logits ``v`` (``floor(w/s) + h(v)``, initialised to the fractional part, so the hard
+  decision starts as round-to-nearest);
+* input activation: static per-tensor symmetric step ``s = s0 * exp(t)`` with learnable
+  ``t`` (LSQ's straight-through gradient; the log parameterisation lets one learning rate
+  serve every layer's magnitude), ``s0`` the MSE-optimal clipped step on the block input.
+
+After the search :meth:`SearchLinear.to_layer` takes the hard rounding into integer codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...quant import functional as F
+from ...quant.recipe import QuantRecipe, WeightSpec
+from ...quant.state import LayerQuant
+
+
+def _reduce_units(err: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Sum an elementwise error of a ``[out, in]`` weight over each quantization unit."""
+    if spec.granularity == "tensor":
+        return err.sum()
+    if spec.granularity == "channel":
+        return err.sum(dim=1)
+    out_f, in_f = err.shape
+    n_groups = -(-in_f // spec.group_size)
+    padded = nn.functional.pad(err, (0, n_groups * spec.group_size - in_f))
+    return padded.reshape(out_f, n_groups, spec.group_size).sum(-1)
+
+
+def mse_weight_qparams(w: torch.Tensor, spec: WeightSpec, grid: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit (channel/group) scale and zero point whose clipping ratio from ``grid`` minimises weight MSE."""
+    best_scale = best_zp = best_err = None
+    for ratio in grid:
+        scale, zp = F.choose_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, clip_ratio=ratio)
+        codes = F.quantize(w, scale, zp, spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+        err = _reduce_units((w - F.dequantize(codes, scale, zp, spec.granularity, spec.group_size)).pow(2), spec)
+        if best_err is None:
+            best_scale, best_zp, best_err = scale, zp, err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_zp
+
+
+def mse_act_scale(errors: dict[float, float], absmax: float, bits: int) -> torch.Tensor:
+    """The per-tensor step ``ratio * absmax / qmax`` with the smallest accumulated error."""
+    ratio = min(errors, key=lambda r: (errors[r], -r))
+    _, qmax = F.qrange(bits, True)
+    return torch.tensor(max(absmax * ratio, 1e-8) / qmax, dtype=torch.float32)
+
+
+def act_quant_error(x: torch.Tensor, absmax: float, bits: int, grid: tuple[float, ...]) -> dict[float, float]:
+    """Squared error of per-tensor quantization of ``x`` for each clipping ratio of ``grid``."""
+    _, qmax = F.qrange(bits, True)
+    out = {}
+    for ratio in grid:
+        s = torch.tensor(max(absmax * ratio, 1e-8) / qmax, dtype=x.dtype, device=x.device)
+        fq = torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+        out[ratio] = float((x - fq).pow(2).sum())
+    return out
+
+
+class SearchLinear(nn.Module):
+    """A Linear with learnable rounding and activation step (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, recipe: QuantRecipe, act_scale: torch.Tensor | None,
+                 clip_grid: tuple[float, ...]):
+        super().__init__()
+        self.spec, self.act_bits = recipe.weights, recipe.activations.bits
+        w = linear.weight.detach().float()
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        scale, zp = mse_weight_qparams(w, self.spec, clip_grid)
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zp", zp)
+        self.v = nn.Parameter(F.adaround_init(w, scale, self.spec.granularity, self.spec.group_size))
+        self.quantize_input = act_scale is not None and self.act_bits is not None
+        self.register_buffer("step0", torch.as_tensor(act_scale if self.quantize_input else 1.0).float().reshape(()))
+        self.log_step = nn.Parameter(torch.zeros((), device=w.device)) if self.quantize_input else None
+        self.hard = False
+        self.capture = False  # keep the (pre-quantization) input for the entropy term
+        self.captured: torch.Tensor | None = None
+
+    def act_step(self) -> torch.Tensor:
+        return self.step0 * torch.exp(self.log_step) if self.log_step is not None else self.step0
+
+    def quant_weight(self) -> torch.Tensor:
+        s = self.spec
+        return F.adaround_weight(self.weight, self.v, self.w_scale, self.w_zp, s.bits, s.symmetric,
+                                 s.granularity, s.group_size, hard=self.hard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.capture:
+            self.captured = x
+        if self.quantize_input:
+            x = F.fake_quantize(x, self.act_step().to(x.dtype), torch.zeros((), dtype=torch.int32), self.act_bits)
+        return nn.functional.linear(x, self.quant_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's rounding regulariser, averaged over weights so one weight fits every block size."""
+        return F.adaround_regularizer(self.v, beta) / self.v.numel()
+
+    def to_layer(self) -> LayerQuant:
+        """The hard decision as integer codes (what the exporter consumes)."""
+        s = self.spec
+        codes = F.adaround_codes(self.weight, self.v.detach(), self.w_scale, self.w_zp, s.bits, s.symmetric,
+                                 s.granularity, s.group_size)
+        step = self.act_step().detach().float().reshape(()).clone() if self.quantize_input else None
+        return LayerQuant(weight_codes=codes.to(torch.int8), weight_scale=self.w_scale.float().clone(),
+                          weight_zero_point=self.w_zp.clone(), weight_bits=s.bits, granularity=s.granularity,
+                          group_size=s.group_size, symmetric=s.symmetric, input_scale=step,
+                          act_bits=self.act_bits if self.quantize_input else None)
