@@ -1,0 +1,146 @@
+"""``bundle.json``: what a runtime needs to run an exported bundle without the HF model directory.
+
+Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
+
+    vision.onnx  embed.onnx  decoder.onnx   the three graphs (opset 21; fp32 or fp16 interface)
+    processor/                             the model's processor + tokenizer (save_pretrained)
+    bundle.json                            this description (format below)
+    manifest.json                          versions, resolved export config, input/output hashes
+
+``bundle.json``::
+
+    {"format": 1, "dtype": "fp32" | "fp16", "opset": 21,
+     "graphs": {"vision": {"file", "inputs", "outputs", "sha256",
+                           "weight_bytes": {"total", "linear", "linear_fp16"}}, "embed": ..., "decoder": ...},
+     "model": {"image_token_id", "eos_token_id", "pad_token_id", "num_layers", "num_kv_heads", "head_dim",
+               "hidden_size", "vocab_size", "image_seq_length", "image_size"},
+     "quant": {"setting", "method", "deployable", "runs_on", "weight_bits", "act_bits", "group_size",
+               "layers", "state_sha256"},
+     "processor": "processor"}
+
+``weight_bytes.linear`` counts the Linear weights as stored (integer codes + scales for
+quantized layers), ``linear_fp16`` what the same weights take in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import QvlmError
+
+BUNDLE_FORMAT = 1
+BUNDLE_FILE = "bundle.json"
+GRAPHS = ("vision", "embed", "decoder")
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sha256: str = ""
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model config a runtime needs: special tokens and cache geometry."""
+
+    image_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    image_seq_length: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    path: Path
+    dtype: str
+    opset: int
+    graphs: dict[str, GraphIO]
+    model: ModelSpec
+    quant: dict[str, Any]
+    processor: str = "processor"
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.dtype == "fp16" else np.float32)
+
+    @property
+    def setting(self) -> str:
+        return str(self.quant.get("setting", "fp"))
+
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.model.num_layers) for kv in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.model.num_layers) for kv in ("key", "value")]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.model.num_kv_heads, 0, self.model.head_dim)
+        return [np.zeros(shape, self.float_dtype) for _ in self.past_names()]
+
+    def graph_path(self, graph: str) -> Path:
+        path = self.path / self.graphs[graph].file
+        if not path.is_file():
+            raise QvlmError(f"bundle {str(self.path)!r} lacks {self.graphs[graph].file}; re-run `qvlm-export export`")
+        return path
+
+    def load_processor(self):
+        """The processor saved in the bundle (left padding, as generation needs)."""
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        processor = AutoProcessor.from_pretrained(self.path / self.processor)
+        processor.tokenizer.padding_side = "left"
+        return processor
+
+    def to_json(self) -> dict[str, Any]:
+        graphs = {g: {"file": io.file, "inputs": list(io.inputs), "outputs": list(io.outputs), "sha256": io.sha256,
+                      "weight_bytes": dict(io.weight_bytes)} for g, io in self.graphs.items()}
+        return {"format": BUNDLE_FORMAT, "dtype": self.dtype, "opset": self.opset, "graphs": graphs,
+                "model": asdict(self.model), "quant": self.quant, "processor": self.processor}
+
+
+def write_bundle_json(info: BundleInfo, out_dir: Path) -> None:
+    (Path(out_dir) / BUNDLE_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def read_bundle(path: str | Path) -> BundleInfo:
+    """Read ``bundle.json`` from a bundle directory (or the ``bundle/`` copy inside an engine directory)."""
+    path = Path(path)
+    file = path / BUNDLE_FILE
+    if not file.is_file():
+        raise QvlmError(f"{str(path)!r} is not an ONNX bundle: no {BUNDLE_FILE} (write one with `qvlm-export export`)")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QvlmError(f"{file} is not valid JSON ({exc.msg}); re-run `qvlm-export export`") from None
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise QvlmError(f"{file}: bundle format {raw.get('format')!r} is not supported (expected {BUNDLE_FORMAT}); "
+                        "re-export with this version")
+    try:
+        graphs = {g: GraphIO(file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),
+                             sha256=d.get("sha256", ""), weight_bytes=dict(d.get("weight_bytes", {})))
+                  for g, d in raw["graphs"].items()}
+        info = BundleInfo(path=path, dtype=raw["dtype"], opset=int(raw["opset"]), graphs=graphs,
+                          model=ModelSpec(**raw["model"]), quant=dict(raw.get("quant", {})),
+                          processor=raw.get("processor", "processor"))
+    except (KeyError, TypeError) as exc:
+        raise QvlmError(f"{file} is missing or has a malformed field ({exc}); re-run `qvlm-export export`") from None
+    missing = [g for g in GRAPHS if g not in info.graphs]
+    if missing:
+        raise QvlmError(f"{file} describes no {missing[0]!r} graph; a bundle has {', '.join(GRAPHS)}")
+    return info
