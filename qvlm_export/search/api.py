@@ -95,6 +95,8 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
     method = get_method(rec.method)(rec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QvlmError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
     vlm = load_vlm(model, device=device)
     samples = calibration_samples(calib, rec.calibration)
     calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir)
