@@ -60,14 +60,21 @@ def tiny_bundle_graphs(dtype=TensorProto.FLOAT16, w_axis=1):
     return {"vision": vision, "embed": embed, "decoder": decoder}
 
 
-def write_bundle(root, w_axis=1):
-    (root / "fp16").mkdir(parents=True)
-    for name, model in tiny_bundle_graphs(TensorProto.FLOAT, w_axis).items():
+def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
+    """A bundle directory as `qvlm-export export` lays it out, with the tiny graphs."""
+    from qvlm_export.runtime.bundle import BundleInfo, GraphIO, ModelSpec, write_bundle_json
+
+    (root / "processor").mkdir(parents=True)
+    graphs = {}
+    for name, model in tiny_bundle_graphs(dtype, w_axis).items():
         onnx.save(model, root / f"{name}.onnx")
-    for name, model in tiny_bundle_graphs(TensorProto.FLOAT16, w_axis).items():
-        onnx.save(model, root / "fp16" / f"{name}.onnx")
-    (root / "bundle.json").write_text(json.dumps({"image_token_id": 3, "num_layers": 1}))
-    (root / "tokenizer.json").write_text("{}")
+        graphs[name] = GraphIO(f"{name}.onnx", tuple(i.name for i in model.graph.input),
+                               tuple(o.name for o in model.graph.output))
+    spec = ModelSpec(image_token_id=3, eos_token_id=2, pad_token_id=0, num_layers=1, num_kv_heads=2, head_dim=4,
+                     hidden_size=8, vocab_size=16, image_seq_length=6, image_size=4)
+    write_bundle_json(BundleInfo(root, "fp16" if dtype == TensorProto.FLOAT16 else "fp32", 21, graphs, spec,
+                                 {"setting": "w8a8"}), root)
+    (root / "processor" / "tokenizer.json").write_text("{}")
     (root / "manifest.json").write_text(json.dumps({"kind": "onnx-bundle"}))
     return root
 
@@ -88,23 +95,20 @@ class RecordingCompiler:
         return f"engine:{spec.graph}:{[p for p, _ in spec.profiles]}".encode()
 
 
-def test_plan_uses_fp16_variant_and_exact_shapes(bundle):
+def test_plan_reads_bundle_json_and_exact_shapes(bundle, tmp_path):
     plan = plan_build(bundle, PROFILE)
-    assert [(s.graph, str(s.source.relative_to(bundle))) for s in plan.engines] == [
-        ("vision", "fp16/vision.onnx"), ("embed", "fp16/embed.onnx"), ("decoder", "fp16/decoder.onnx")]
+    assert [(s.graph, s.source.name) for s in plan.engines] == [
+        ("vision", "vision.onnx"), ("embed", "embed.onnx"), ("decoder", "decoder.onnx")]
     decoder = dict(plan.engines[2].profiles)
     assert decoder["prefill"]["past_key_values.0.key"] == ((1, 2, 0, 4), (2, 2, 0, 4), (2, 2, 0, 4))
     assert decoder["decode"]["attention_mask"] == ((1, 2), (2, 13), (2, 32))
-    fp32 = plan_build(bundle, BuildProfile(name="t", max_prompt=16, max_context=32, graph_dtype="fp32"))
-    assert fp32.engines[0].source == bundle / "vision.onnx"
-
-
-def test_plan_finds_fp16_bundle_without_variant_dir_and_refuses_wrong_dtype(tmp_path):
-    for name, model in tiny_bundle_graphs(TensorProto.FLOAT16).items():  # an `export --dtype fp16` bundle
-        onnx.save(model, tmp_path / f"{name}.onnx")
-    assert plan_build(tmp_path, PROFILE).engines[2].source == tmp_path / "decoder.onnx"
-    with pytest.raises(QvlmError, match=r"has no fp32 vision graph \(looked in vision.onnx\)"):
-        plan_build(tmp_path, BuildProfile(name="t", max_prompt=16, max_context=32, graph_dtype="fp32"))
+    fp32 = write_bundle(tmp_path / "fp32", dtype=TensorProto.FLOAT)
+    with pytest.raises(QvlmError, match="has fp32 graphs but profile 'test' builds fp16 engines; export with --dtype"):
+        plan_build(fp32, PROFILE)
+    plan = plan_build(fp32, BuildProfile(name="t", max_prompt=16, max_context=32, graph_dtype="fp32"))
+    assert plan.engines[0].source == fp32 / "vision.onnx"
+    with pytest.raises(QvlmError, match="is not an ONNX bundle: no bundle.json"):
+        plan_build(tmp_path / "fp32" / "processor", PROFILE)
 
 
 def test_build_writes_engines_metadata_and_manifest(bundle, tmp_path):
@@ -116,13 +120,14 @@ def test_build_writes_engines_metadata_and_manifest(bundle, tmp_path):
     assert all(c[2] == tmp_path / "t.cache" for c in compiler.calls)
     assert (out / "decoder.engine").read_bytes() == b"engine:decoder:['prefill', 'decode']"
     assert (out / "bundle" / "bundle.json").read_text() == (bundle / "bundle.json").read_text()
+    assert (out / "bundle" / "processor" / "tokenizer.json").is_file()
     assert not list((out / "bundle").rglob("*.onnx")) and not (out / "bundle" / "manifest.json").exists()
     m = read_engine_manifest(out)
     assert m["tensorrt"] == {"version": "10.3.0"}
     assert m["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert m["profile_hash"] == PROFILE.digest() and m["config"]["profile"]["max_context"] == 32
     assert m["config"]["strongly_typed"] is True and m["check_trt"] == {"ok": True, "qdq_nodes": 3}
-    assert m["inputs"]["bundle/fp16/decoder.onnx"] == sha256_file(bundle / "fp16" / "decoder.onnx")
+    assert m["inputs"]["bundle/decoder.onnx"] == sha256_file(bundle / "decoder.onnx")
     assert m["outputs"]["decoder.engine"] == sha256_file(out / "decoder.engine")
     shapes = m["engines"]["decoder"]["optimization_profiles"][1]
     assert shapes["name"] == "decode" and shapes["shapes"]["inputs_embeds"] == {
@@ -238,26 +243,38 @@ def test_runner_refuses_engines_from_another_tensorrt_before_loading(bundle, tmp
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     with pytest.raises(QvlmError, match="built with TensorRT 10.3.0 but 11.0.0 is installed"):
-        TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0"))
+        TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0")).activate()
     with pytest.raises(QvlmError, match="'onnx-bundle' artifact, expected 'engines'"):
         TrtEngineSet(bundle, environment=H100)
+    from qvlm_export.build.trt_runner import tensorrt_runner
+
+    runner = tensorrt_runner(out, environment=TrtEnvironment("10.3.0", "NVIDIA L4", "8.9"))  # loads nothing yet
+    assert runner.info.model.num_layers == 1 and runner.name == "tensorrt:e"
+    with pytest.raises(QvlmError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\)"):
+        runner.activate()
 
 
-class OrtBackedEngineSet:
-    """TrtEngineSet's real ``run`` (phase choice, shape limits) over ONNX Runtime instead of engines."""
+def ort_backed_engine_set(engine_dir, bundle):
+    """A TrtEngineSet whose per-phase runners are ONNX Runtime sessions of the bundle's graphs.
 
-    def __new__(cls, engine_dir, bundle):
-        import onnxruntime as ort
-        from polygraphy.backend.onnxrt import OnnxrtRunner
+    Everything but ``_load_runners`` (the TensorRT deserialisation) is the real class:
+    environment check, phase choice, shape limits, output mapping.
+    """
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.build.trt_runner import TrtEngineSet
 
-        engine_set = TrtEngineSet(engine_dir, environment=H100)
-        for graph, entry in engine_set.manifest["engines"].items():
-            session = ort.InferenceSession(str(bundle / entry["source"]), providers=["CPUExecutionProvider"])
-            for phase in range(len(entry["optimization_profiles"])):
-                engine_set._runners[(graph, phase)] = OnnxrtRunner(session).__enter__()
-        return engine_set
+    class OrtBackedEngineSet(TrtEngineSet):
+        def _load_runners(self):
+            runners = {}
+            for graph, entry in self.manifest["engines"].items():
+                session = ort.InferenceSession(str(bundle / entry["source"]), providers=["CPUExecutionProvider"])
+                for phase in range(len(entry["optimization_profiles"])):
+                    runners[(graph, phase)] = OnnxrtRunner(session).__enter__()
+            return runners
+
+    return OrtBackedEngineSet(engine_dir, environment=H100)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Polygraphy's mean over the empty prefill `present` tensors
@@ -269,7 +286,7 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
     from qvlm_export.build.trt_runner import graph_runner
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
-    engines = OrtBackedEngineSet(out, bundle)
+    engines = ort_backed_engine_set(out, bundle).activate()
     candidate = graph_runner(engines, "decoder")
     with candidate:
         meta = candidate.get_input_metadata(use_numpy_dtypes=False)
@@ -279,7 +296,7 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
               "attention_mask": np.ones((2, n + past), np.int64), "position_ids": np.zeros((2, n), np.int64),
               "past_key_values.0.key": np.zeros((2, 2, past, 4), np.float16),
               "past_key_values.0.value": np.zeros((2, 2, past, 4), np.float16)} for n, past in ((6, 0), (1, 9))]
-    reference = OnnxrtRunner(ort.InferenceSession(str(bundle / "fp16" / "decoder.onnx"),
+    reference = OnnxrtRunner(ort.InferenceSession(str(bundle / "decoder.onnx"),
                                                   providers=["CPUExecutionProvider"]))
     results = Comparator.run([reference, candidate], data_loader=steps)
     assert [len(r) for _, r in results] == [2, 2]
@@ -289,3 +306,30 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
     with pytest.raises(QvlmError, match="outside the prefill profile's 1..16"):
         Comparator.run([candidate], data_loader=too_long)
     engines.deactivate()
+
+
+def test_engine_set_serves_the_runtime_runner_contract(bundle, tmp_path):
+    import onnxruntime as ort
+
+    from qvlm_export.runtime.bundle import read_bundle
+    from qvlm_export.runtime.runner import GraphSetRunner, VLMRunner
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    info = read_bundle(out / "bundle")
+    runner = GraphSetRunner(ort_backed_engine_set(out, bundle), info, name="tensorrt")
+    assert isinstance(runner, VLMRunner) and info.dtype == "fp16"
+    direct = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    embeds = rng.standard_normal((2, 5, 8)).astype(np.float16)
+    with runner:
+        features = runner.vision(np.ones((2, 3, 4, 4), np.float32))  # cast to the bundle's fp16
+        logits, present = runner.decode(embeds, np.ones((2, 5), np.int64), np.tile(np.arange(5), (2, 1)),
+                                        info.empty_past(2))
+        past = [rng.standard_normal((2, 2, 5, 4)).astype(np.float16) for _ in range(2)]
+        step_logits, _ = runner.decode(embeds[:, :1], np.ones((2, 6), np.int64), np.full((2, 1), 5), past)
+    assert features.shape == (2, 48) and features.dtype == np.float16
+    expected = direct.run(["logits"], {"inputs_embeds": embeds, "attention_mask": np.ones((2, 5), np.int64),
+                                       "position_ids": np.zeros((2, 5), np.int64),
+                                       **dict(zip(info.past_names(), info.empty_past(2), strict=True))})[0]
+    assert np.array_equal(logits, expected) and [p.shape for p in present] == [(2, 2, 0, 4)] * 2
+    assert step_logits.shape == (2, 1, 16)

@@ -10,7 +10,7 @@ mode TensorRT 11 keeps, so the same code builds on TensorRT 10 and 11.
 Engine directory::
 
     vision.engine  embed.engine  decoder.engine
-    bundle/        the bundle's metadata (bundle.json, tokenizer, processor): runners need no bundle path
+    bundle/        the bundle's bundle.json and processor/ (no weights): runners need no bundle path
     manifest.json  TensorRT version, GPU, profile + hash, shapes per optimization profile, input hashes
 """
 
@@ -31,8 +31,6 @@ from .shapes import InputSpec, ShapeRange, optimization_profiles, read_graph_inp
 
 GRAPHS = ("vision", "embed", "decoder")
 ENGINE_KIND = "engines"
-# graph files of the fp16 variant: the first candidate that exists wins
-FP16_CANDIDATES = ("fp16/{graph}.onnx", "{graph}_fp16.onnx", "{graph}.fp16.onnx")
 WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".bin", ".engine", ".safetensors")
 
 
@@ -71,38 +69,21 @@ class BuildPlan:
 Compiler = Callable[[EngineSpec, BuildProfile, "Path | None"], Any]
 
 
-def graph_float_type(path: Path) -> str | None:
-    """``fp16``/``fp32``: the float type of a graph's interface (inputs and outputs), read without weights."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    types = [v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]]
-    if onnx.TensorProto.FLOAT16 in types:
-        return "fp16"
-    return "fp32" if onnx.TensorProto.FLOAT in types else None
-
-
-def locate_graph(bundle: Path, graph: str, graph_dtype: str) -> Path:
-    """The bundle's ``graph`` file in ``graph_dtype``: a variant file, or the main file when its dtype matches."""
-    candidates = [*(FP16_CANDIDATES if graph_dtype == "fp16" else ()), "{graph}.onnx"]
-    for pattern in candidates:
-        path = bundle / pattern.format(graph=graph)
-        if path.is_file() and (pattern != "{graph}.onnx" or graph_float_type(path) in (graph_dtype, None)):
-            return path
-    tried = ", ".join(p.format(graph=graph) for p in candidates)
-    hint = " (export with --dtype fp16, or set graph_dtype: fp32 in the profile)" if graph_dtype == "fp16" else \
-        " (export with --dtype fp32, or set graph_dtype: fp16 in the profile)"
-    raise QvlmError(f"bundle {str(bundle)!r} has no {graph_dtype} {graph} graph (looked in {tried}){hint}")
-
-
 def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
     """Which engines to build from which files, with the shapes of every optimization profile."""
+    from ..runtime.bundle import read_bundle
+
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise QvlmError(f"bundle {str(bundle)!r} is not a directory; pass the output of `qvlm-export export`")
+    info = read_bundle(bundle)
+    if info.dtype != profile.graph_dtype:
+        raise QvlmError(f"bundle {str(bundle)!r} has {info.dtype} graphs but profile {profile.name!r} builds "
+                        f"{profile.graph_dtype} engines; export with --dtype {profile.graph_dtype} or set "
+                        f"graph_dtype: {info.dtype} in the profile")
     specs = []
     for graph in GRAPHS:
-        source = locate_graph(bundle, graph, profile.graph_dtype)
+        source = info.graph_path(graph)
         inputs = read_graph_inputs(source)
         phases = optimization_profiles(graph, inputs, profile, where=str(source.relative_to(bundle)))
         specs.append(EngineSpec(graph, source, tuple(inputs), tuple(phases)))

@@ -60,41 +60,52 @@ class TrtEngineSet:
     def __init__(self, engine_dir: Path, environment: TrtEnvironment | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = read_engine_manifest(self.engine_dir)
-        self.environment = environment or detect_environment()
-        check_engine_compatibility(self.manifest, self.environment, where=str(self.engine_dir))
+        self.environment = environment
         self._runners: dict[tuple[str, int], Any] = {}
-        self._engines: dict[str, Any] = {}
 
     @property
     def bundle_dir(self) -> Path:
-        """The bundle's metadata (bundle.json, tokenizer) copied beside the engines."""
+        """The bundle's metadata (bundle.json, processor) copied beside the engines."""
         return self.engine_dir / "bundle"
 
     def activate(self) -> TrtEngineSet:
+        """Check TensorRT version and GPU against the manifest, then deserialize every engine."""
+        if self._runners:
+            return self
+        environment = self.environment or detect_environment()
+        check_engine_compatibility(self.manifest, environment, where=str(self.engine_dir))
+        self._runners = self._load_runners()
+        return self
+
+    def _load_runners(self) -> dict[tuple[str, int], Any]:
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
 
         from .environment import require_tensorrt
 
         require_tensorrt()
-        for graph, entry in self.manifest["engines"].items():
-            path = self.engine_dir / entry["file"]
-            if not path.is_file():
-                raise QvlmError(f"{self.engine_dir}: engine file {entry['file']!r} is missing; rebuild the engines")
-            engine = EngineFromPath(str(path))()
-            if engine is None:
-                raise QvlmError(f"{path}: TensorRT could not deserialize the engine; rebuild it on this machine")
-            self._engines[graph] = engine
-            for phase in range(len(entry["optimization_profiles"])):
-                runner = TrtRunner(engine, name=f"{graph}-{phase}", optimization_profile=phase)
-                runner.activate()
-                self._runners[(graph, phase)] = runner
-        return self
+        runners = {}
+        try:
+            for graph, entry in self.manifest["engines"].items():
+                path = self.engine_dir / entry["file"]
+                if not path.is_file():
+                    raise QvlmError(f"{self.engine_dir}: engine file {entry['file']!r} is missing; rebuild the engines")
+                engine = EngineFromPath(str(path))()
+                if engine is None:
+                    raise QvlmError(f"{path}: TensorRT could not deserialize the engine; rebuild it on this machine")
+                for phase in range(len(entry["optimization_profiles"])):
+                    runner = TrtRunner(engine, name=f"{graph}-{phase}", optimization_profile=phase)
+                    runner.activate()
+                    runners[(graph, phase)] = runner
+        except BaseException:
+            for runner in runners.values():
+                runner.deactivate()
+            raise
+        return runners
 
     def deactivate(self) -> None:
         for runner in self._runners.values():
             runner.deactivate()
         self._runners.clear()
-        self._engines.clear()
 
     def __enter__(self) -> TrtEngineSet:
         return self.activate()
@@ -165,3 +176,16 @@ def graph_runner(engines: Path | TrtEngineSet, graph: str, name: str | None = No
             del self.engines
 
     return TrtGraphRunner()
+
+
+def tensorrt_runner(engine_dir: Path, environment: TrtEnvironment | None = None):
+    """The runtime's ``VLMRunner`` over an engine directory (generate, eval and validate use this).
+
+    Nothing is loaded until ``activate()``; the bundle description comes from the copy
+    beside the engines, so the ONNX bundle need not be present.
+    """
+    from ..runtime.bundle import read_bundle
+    from ..runtime.runner import GraphSetRunner
+
+    engines = TrtEngineSet(Path(engine_dir), environment)
+    return GraphSetRunner(engines, read_bundle(engines.bundle_dir), name=f"tensorrt:{Path(engine_dir).name}")
