@@ -22,6 +22,21 @@ from qvlm_export.search.registry import get_method
 
 
 @pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with non-zero norm and Linear biases, so folds must rewrite (and save) biases."""
+    vlm = load_vlm(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in vlm.model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.1, generator=gen)
+    out = tmp_path_factory.mktemp("biased_model")
+    vlm.model.save_pretrained(out)
+    vlm.processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def eval_inputs(tiny_model_dir):
     return TorchAnswerer(load_vlm(tiny_model_dir)).inputs(load_dataset("builtin:eval:6"))
 
@@ -35,13 +50,13 @@ def logits(model, inputs) -> torch.Tensor:
     load_recipe("smoothquant-w4a8"),  # groups, activation scales, folded norm overrides
     recipe_from_dict({"method": "rtn", "setting": "w8a8", "weights": {"symmetric": False}}),  # uint8 codes
 ])
-def test_saved_state_reloads_to_bit_identical_simulated_outputs(tmp_path, tiny_model_dir, eval_inputs, recipe):
-    vlm = load_vlm(tiny_model_dir)
+def test_saved_state_reloads_to_bit_identical_simulated_outputs(tmp_path, biased_model_dir, eval_inputs, recipe):
+    vlm = load_vlm(biased_model_dir)
     cal = SequentialCalibrator(vlm, load_dataset("builtin:calib:8"), recipe, batch_size=8, device="cpu")
     state = cal.run(get_method(recipe.method)(recipe).block)
     state.save(tmp_path)
-    in_memory = logits(apply_quant_state(load_vlm(tiny_model_dir).model, state_to_cpu(state)), eval_inputs)
-    reloaded, info = load_simulated(tmp_path, model=str(tiny_model_dir))
+    in_memory = logits(apply_quant_state(load_vlm(biased_model_dir).model, state_to_cpu(state)), eval_inputs)
+    reloaded, info = load_simulated(tmp_path, model=str(biased_model_dir))
     assert torch.equal(logits(reloaded.model, eval_inputs), in_memory)
     assert torch.equal(logits(vlm.model, eval_inputs), in_memory)  # == the calibrator's live model
     assert info["setting"] == recipe.setting and info["method"] == recipe.method
@@ -50,11 +65,11 @@ def test_saved_state_reloads_to_bit_identical_simulated_outputs(tmp_path, tiny_m
     assert loaded.recipe == recipe and sorted(loaded.layers) == sorted(state.layers)
     for name, lq in state.layers.items():
         assert torch.equal(loaded.layers[name].weight_codes.to(torch.int32), lq.weight_codes.to(torch.int32))
-    if recipe.method == "smoothquant":
-        assert loaded.float_overrides and all(k.endswith(("layernorm.weight", "layer_norm1.weight",
-                                                           "layer_norm1.bias", "layer_norm2.weight",
-                                                           "layer_norm2.bias", "v_proj.bias"))
-                                              for k in loaded.float_overrides)
+    if recipe.method == "smoothquant":  # 4 CLIP layers x (2 LayerNorms x w, b + v_proj bias) + 4 x 2 RMSNorms
+        suffixes = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k in loaded.float_overrides}
+        assert len(loaded.float_overrides) == 4 * 5 + 4 * 2, sorted(loaded.float_overrides)
+        assert suffixes == {"layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
+                            "v_proj.bias", "input_layernorm.weight", "post_attention_layernorm.weight"}
     else:  # asymmetric 8-bit: codes 0..255 survive the trip
         codes = torch.cat([lq.weight_codes.flatten().to(torch.int32) for lq in loaded.layers.values()])
         assert int(codes.max()) > 127 and int(codes.min()) >= 0
