@@ -78,9 +78,12 @@ def test_saved_state_reloads_to_bit_identical_simulated_outputs(tmp_path, biased
 def test_quantize_api_writes_a_complete_deterministic_artifact(tmp_path, tiny_model_dir):
     a = quantize(model=tiny_model_dir, recipe="gptq-w4a16", calib="builtin:calib:8", out=tmp_path / "a",
                  progress=False)
-    b = quantize(model=tiny_model_dir, recipe="gptq-w4a16", calib="builtin:calib:8", out=tmp_path / "b",
-                 progress=False)
-    assert sha256_file(a / "quant.safetensors") == sha256_file(b / "quant.safetensors")
+    # the second run checkpoints every block, the third replays them: all three agree byte for byte
+    for out in ("b", "c"):
+        b = quantize(model=tiny_model_dir, recipe="gptq-w4a16", calib="builtin:calib:8", out=tmp_path / out,
+                     progress=False, checkpoint_dir=tmp_path / "ckpt")
+        assert sha256_file(a / "quant.safetensors") == sha256_file(b / "quant.safetensors")
+    assert len(list((tmp_path / "ckpt").rglob("quant.safetensors"))) == 9  # 4 vision + projector + 4 decoder
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["kind"] == "quant-state" and manifest["outputs"] == hash_tree(a)
     assert manifest["config"]["recipe"] == load_recipe("gptq-w4a16").to_dict()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import time
 from pathlib import Path
 
@@ -58,14 +57,8 @@ def state_to_cpu(state: QuantState) -> QuantState:
 def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None):
     from ..quant.calibrate import SequentialCalibrator
 
-    kwargs = {}
-    if checkpoint_dir is not None:
-        # Checkpoint/resume lives in the calibrator; older calibrators have no such option.
-        if "checkpoint_dir" not in inspect.signature(SequentialCalibrator).parameters:
-            raise QvlmError("this version's calibrator cannot checkpoint; drop --checkpoint-dir")
-        kwargs["checkpoint_dir"] = Path(checkpoint_dir)
-    return SequentialCalibrator(vlm, samples, recipe, batch_size=recipe.calibration.batch_size,
-                                device=device, **kwargs)
+    return SequentialCalibrator(vlm, samples, recipe, batch_size=recipe.calibration.batch_size, device=device,
+                                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir))
 
 
 def _run(method, calibrator, progress: bool) -> QuantState:
