@@ -1,0 +1,52 @@
+"""The export stage's one config: frozen, versioned, serialised into the bundle manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import QvlmError
+
+EXPORT_CONFIG_VERSION = 1
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the three graphs are traced.
+
+    ``dtype`` is the graph's compute and interface float type (fp16 for TensorRT's
+    strongly typed build: DQ scales take the same type). The example sizes only seed
+    ``torch.export``; every one of those axes is dynamic in the graph (sizes >= 2 so the
+    exporter does not specialise them to 0/1).
+    """
+
+    dtype: str = "fp32"
+    opset: int = 21
+    example_batch: int = 2
+    example_seq: int = 3
+    example_past: int = 4
+    attn_implementation: str = "eager"  # softmax stays an explicit float op, as TensorRT wants
+    version: int = EXPORT_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise QvlmError(f"export dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.opset < 21:
+            raise QvlmError(f"export needs opset >= 21 (int4 weights and blocked DequantizeLinear), got {self.opset}")
+        if min(self.example_batch, self.example_seq, self.example_past) < 2:
+            raise QvlmError("export example sizes must be >= 2 so torch.export keeps those axes dynamic")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def export_config_from_dict(raw: dict[str, Any] | None, where: str = "export config") -> ExportConfig:
+    """Validate a mapping (e.g. the ``export:`` section of a run config) into an :class:`ExportConfig`."""
+    raw = dict(raw or {})
+    names = {f.name for f in dataclasses.fields(ExportConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    return ExportConfig(**raw)
