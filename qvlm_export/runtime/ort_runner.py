@@ -1,0 +1,83 @@
+"""ONNX Runtime sessions over a bundle's three graphs, in one of two modes.
+
+``faithful``
+    ``session.disable_quant_qdq = "1"``: ORT keeps every QuantizeLinear/DequantizeLinear
+    as written and runs the MatMuls in float, so the result is the exact QDQ arithmetic
+    (the reference that validation and the parity tests compare against PyTorch).
+``fast``
+    ORT's defaults: QDQ int8 groups fuse into integer kernels (MatMulIntegerToFloat /
+    QLinearMatMul) and blocked int4 DQ + MatMul into MatMulNBits. Faster, and it may drift
+    (DESIGN section 7), which validation reports separately from graph errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import QvlmError
+from .bundle import GRAPHS, BundleInfo, read_bundle
+from .runner import GraphSetRunner
+
+SESSION_MODES = ("faithful", "fast")
+
+
+def session_options(mode: str, threads: int | None = None):
+    """``onnxruntime.SessionOptions`` for a mode; ``threads`` caps intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+
+    if mode not in SESSION_MODES:
+        raise QvlmError(f"ONNX Runtime session mode must be one of {list(SESSION_MODES)}, got {mode!r}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if mode == "faithful":
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
+
+
+def make_session(path: Path, mode: str, threads: int | None = None):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(mode, threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types per failure
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QvlmError(f"ONNX Runtime cannot load {path.name}: {first[:300]}") from None
+
+
+class OrtGraphSet:
+    """The bundle's graphs as ORT sessions keyed by graph name (a :class:`~.runner.GraphSet`)."""
+
+    def __init__(self, info: BundleInfo, mode: str = "faithful", threads: int | None = None):
+        session_options(mode)  # validate the mode now, not at activation
+        self.info = info
+        self.mode = mode
+        self.threads = threads
+        self.sessions: dict[str, Any] = {}
+
+    def activate(self) -> OrtGraphSet:
+        for graph in GRAPHS:
+            self.sessions[graph] = make_session(self.info.graph_path(graph), self.mode, self.threads)
+        return self
+
+    def deactivate(self) -> None:
+        self.sessions.clear()
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        if graph not in self.sessions:
+            raise QvlmError(f"ONNX Runtime graph set is not active (or has no {graph!r} graph); call activate()")
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+
+def ort_runner(bundle: str | Path | BundleInfo, mode: str = "faithful", threads: int | None = None) -> GraphSetRunner:
+    """A :class:`~.runner.VLMRunner` on ONNX Runtime (CPU) over an exported bundle; activate before use."""
+    info = bundle if isinstance(bundle, BundleInfo) else read_bundle(Path(bundle))
+    return GraphSetRunner(OrtGraphSet(info, mode, threads), info, name=f"onnxruntime-{mode}")
