@@ -29,6 +29,9 @@ def check_exportable(state) -> None:
         raise QvlmError(f"setting {recipe.setting} is simulated only ({recipe.runs_on}): ONNX and TensorRT have no "
                         f"{recipe.weights.bits}-bit weight x {recipe.activations.bits}-bit activation kernels; "
                         "evaluate it with 'eval --quant', or re-quantize as w8a8 / w4a16 to export")
+    if not recipe.weights.symmetric or not recipe.activations.symmetric:
+        raise QvlmError("asymmetric quantization cannot be exported: TensorRT Q/DQ needs zero point 0; "
+                        "re-quantize with weights.symmetric: true and activations.symmetric: true")
     odd = sorted({lq.act_bits for lq in state.layers.values() if lq.act_bits not in (None, 8)})
     if odd:
         raise QvlmError(f"{odd[0]}-bit activations cannot be exported (QuantizeLinear has int8, not int{odd[0]}); "

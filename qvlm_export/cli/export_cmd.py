@@ -1,0 +1,61 @@
+"""``qvlm-export export`` (QDQ ONNX bundle) and ``qvlm-export generate`` (answer one question on a bundle)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[str, typer.Option(help="bundle directory to write (replaced atomically)")],
+    model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: the model the "
+                                                   "quant state records, else the embedded model)")] = None,
+    quant: Annotated[str | None, typer.Option(help="quant-state directory (default: the FP reference bundle)")] = None,
+    dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT)")] = "fp32",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
+) -> None:
+    """Export vision, embed and decoder graphs with Q/DQ from a quant state, plus bundle.json and the processor."""
+    import json
+    from pathlib import Path
+
+    from ..export.api import export_bundle
+    from ..export.config import ExportConfig
+
+    path = export_bundle(model=model, quant=quant, out=out, config=ExportConfig(dtype=dtype, opset=opset),
+                         log=lambda line: typer.echo(line, err=True))
+    bundle = json.loads((Path(path) / "bundle.json").read_text())
+    sizes = ", ".join(f"{g} {d['weight_bytes']['total'] / 1e6:.2f} MB" for g, d in sorted(bundle["graphs"].items()))
+    typer.echo(f"wrote {path}: setting {bundle['quant']['setting']}, {bundle['dtype']}, opset {bundle['opset']} "
+               f"({sizes})")
+
+
+@app.command("generate")
+def generate_command(
+    bundle: Annotated[str, typer.Option(help="ONNX bundle directory written by `qvlm-export export`")],
+    image: Annotated[str, typer.Option(help="image file (PNG, JPEG)")],
+    question: Annotated[str, typer.Option(help="the question to ask about the image")],
+    mode: Annotated[str, typer.Option(help="ONNX Runtime session mode: faithful | fast")] = "faithful",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Answer one question about one image greedily on ONNX Runtime and print the answer."""
+    from pathlib import Path
+
+    from ..errors import QvlmError
+    from ..runtime.factory import answerer_for_bundle
+
+    path = Path(image)
+    if not path.is_file():
+        raise QvlmError(f"image {image!r} does not exist; pass --image with a PNG or JPEG file")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise QvlmError(f"{image!r} is not a readable image; pass a PNG or JPEG file") from None
+    answerer, _ = answerer_for_bundle(Path(bundle), mode=mode, max_new_tokens=max_new_tokens)
+    with answerer:
+        typer.echo(answerer.ask([picture], [question])[0].strip())
