@@ -83,7 +83,8 @@ def polygraphy_quiet(verbose: bool = False) -> Iterator[None]:
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.ERROR):
+    G_LOGGER.colors = False  # otherwise Polygraphy prints a hint about the optional 'colored' module
+    with G_LOGGER.verbosity(G_LOGGER.INFO if verbose else G_LOGGER.CRITICAL):
         try:
             yield
         except PolygraphyException as exc:

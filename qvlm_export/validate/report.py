@@ -19,6 +19,7 @@ from .thresholds import ThresholdConfig
 
 REPORT_KIND = "validation-report"
 REPORT_FORMAT = 1
+COMPARISON_ORDER = {"faithful": 0, "tensorrt": 1, "fast": 2, "drift": 3}
 
 
 @dataclass
@@ -41,7 +42,9 @@ class CandidateResult:
         return all(g.passed for g in self.graphs) and all(t.passed for t in self.task)
 
     def failures(self) -> list[str]:
-        lines = [line for g in self.graphs for line in g.failures()]
+        """Graph errors against the reference first (the graph is wrong), then kernel drift, then task."""
+        outputs = sorted((o for g in self.graphs for o in g.outputs), key=lambda o: COMPARISON_ORDER.get(o.comparison, 9))
+        lines = [line for o in outputs for line in o.failures()]
         lines += [line for t in self.task for line in t.failures()]
         return [f"{self.name} [{self.setting}]: {line}" for line in lines]
 

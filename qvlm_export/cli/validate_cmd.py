@@ -1,0 +1,50 @@
+"""``qvlm-export validate``: per-graph Polygraphy parity and task parity of a bundle against the FP reference."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+
+
+@app.command("validate")
+def validate_command(
+    reference: Annotated[str, typer.Option(help="FP ONNX bundle, or a Hugging Face model directory (exported to FP here)")],
+    candidate: Annotated[str, typer.Option(help="quantized ONNX bundle written by `qvlm-export export --quant`")],
+    out: Annotated[str, typer.Option(help="report directory (report.json, report.html, polygraphy/, manifest.json)")],
+    engines: Annotated[str | None, typer.Option(help="TensorRT engine directory of the candidate (`qvlm-export build`)")] = None,
+    quant: Annotated[str | None, typer.Option(help="the candidate's quant state: adds per-layer error and Q-VLM plots")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="thresholds YAML (default: packaged configs/thresholds.yaml)")] = None,
+    calib: Annotated[str, typer.Option(help="calibration data for graph parity")] = "builtin:calib",
+    calib_samples: Annotated[int, typer.Option(min=1, help="calibration samples fed to the graphs")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    decode_steps: Annotated[int, typer.Option(min=0, help="decoder decode-step feeds after each prefill")] = 1,
+    data: Annotated[str, typer.Option(help="eval data for task parity")] = "builtin:eval",
+    eval_samples: Annotated[int | None, typer.Option(min=1, help="eval samples (default 100; 0 is not allowed)")] = 100,
+    runners: Annotated[str, typer.Option(help="ONNX Runtime modes to compare, comma separated: faithful,fast")] = "faithful,fast",
+    task: Annotated[bool, typer.Option(help="run task-level parity (greedy answers on the eval set)")] = True,
+    layer_errors: Annotated[bool, typer.Option(help="measure per-layer hidden-state error when --quant is given")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
+    reuse_reference: Annotated[str | None, typer.Option(help="polygraphy/ folder of an earlier report: skip the reference run")] = None,
+) -> None:
+    """Exit 0 when every threshold holds, 1 naming each failing graph/output/statistic/threshold, 2 on bad input."""
+    from pathlib import Path
+
+    from ..validate.api import CandidateSpec, validate
+    from ..validate.config import validate_config_from_dict
+    from .validate_view import console, fail_on, print_report
+
+    config = validate_config_from_dict({
+        "calib": calib, "calib_samples": calib_samples, "batch_size": batch_size, "decode_steps": decode_steps,
+        "eval_data": data, "eval_samples": eval_samples, "runners": runners, "task": task,
+        "layer_errors": layer_errors, "thresholds": thresholds, "threads": threads}, source="validate")
+    skipped = () if engines else ("tensorrt: skipped: no --engines given",)
+    spec = CandidateSpec(bundle=Path(candidate), engines=Path(engines) if engines else None,
+                         quant=Path(quant) if quant else None, skipped=skipped)
+    out_console = console()
+    report = validate(reference, [spec], out, config, reuse_reference=reuse_reference,
+                      log=lambda m: out_console.log(m), progress=True)
+    print_report(report, out_console, Path(out))
+    fail_on(report)

@@ -1,0 +1,174 @@
+"""``validate``: the one Python entry point of the validation stage (the CLI and ``run`` call it).
+
+reference (FP bundle or model) -> calibration feeds -> reference run once (Polygraphy JSON)
+-> per candidate: per-graph parity (ORT faithful, ORT fast, TensorRT engines when given),
+task parity on the eval set, per-layer data -> report.json, report.html, manifest.json,
+written atomically. The returned report says pass/fail; the CLI maps it to the exit code.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import QvlmError
+from ..manifest import atomic_directory, build_manifest, digest, hash_tree, write_manifest
+from ..runtime.bundle import GRAPHS, BundleInfo, read_bundle
+from .config import ValidateConfig
+from .parity import compare_graph
+from .reference import Reference, prepare_reference
+from .report import REPORT_KIND, CandidateResult, ValidationReport, write_report_files
+from .task import task_parity
+from .thresholds import ThresholdConfig, load_thresholds
+
+POLYGRAPHY_DIR = "polygraphy"
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """A quantized bundle to validate, with its optional TensorRT engines and quant state."""
+
+    bundle: Path
+    engines: Path | None = None
+    quant: Path | None = None  # enables per-layer error and Q-VLM diagnostics in the report
+    name: str | None = None
+    skipped: tuple[str, ...] = ()  # lines such as "tensorrt: skipped: ..." decided by the caller
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _check_quant(spec: CandidateSpec, info: BundleInfo) -> None:
+    if spec.quant is None:
+        return
+    expected = info.quant.get("state_sha256")
+    actual = digest(hash_tree(Path(spec.quant)))
+    if expected and actual != expected:
+        raise QvlmError(f"--quant {str(spec.quant)!r} is not the quant state bundle {str(spec.bundle)!r} was exported "
+                        "from (hash differs); pass the matching state or omit --quant")
+
+
+def _graph_runners(info: BundleInfo, spec: CandidateSpec, graph: str, config: ValidateConfig,
+                   reference: BundleInfo) -> dict[str, Any]:
+    from .runners import ort_graph_runner, trt_graph_runner
+
+    runners = {mode: ort_graph_runner(info, graph, mode, config.threads) for mode in config.runners}
+    if spec.engines is not None:
+        runners["tensorrt"] = trt_graph_runner(spec.engines, graph, reference.float_dtype)
+    return runners
+
+
+def _task(reference: Reference, info: BundleInfo, spec: CandidateSpec, config: ValidateConfig, samples, ref_eval,
+          thresholds: ThresholdConfig, progress: bool):
+    from ..evaluate.accuracy import evaluate
+    from ..runtime.factory import answerer_for_bundle, answerer_for_engines
+
+    results = []
+    answerers = [(mode, lambda mode=mode: answerer_for_bundle(info.path, mode=mode, threads=config.threads)[0])
+                 for mode in config.runners]
+    if spec.engines is not None:
+        answerers.append(("tensorrt", lambda: answerer_for_engines(spec.engines)[0]))
+    for runner, make in answerers:
+        answerer = make()
+        try:
+            result = evaluate(answerer, samples, batch_size=config.batch_size, progress=progress,
+                              description=f"eval {spec.name} {runner}")
+        finally:
+            answerer.close()
+        results.append(task_parity(runner, ref_eval, result, thresholds.task_bounds(info.setting)))
+    return results
+
+
+def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | None:
+    if spec.quant is None:
+        return None
+    import json
+
+    from .layers import layer_summary, search_diagnostics
+
+    if not config.layer_errors:
+        extras = json.loads((Path(spec.quant) / "state.json").read_text()).get("extras", {})
+        return {"entropy": search_diagnostics(extras), "error": None}
+    from ..data.manifest import load_dataset
+
+    return layer_summary(Path(spec.quant), load_dataset(config.calib, limit=config.batch_size))
+
+
+def validate_candidate(reference: Reference, spec: CandidateSpec, config: ValidateConfig,
+                       thresholds: ThresholdConfig, samples, ref_eval, log, progress: bool) -> CandidateResult:
+    info = read_bundle(spec.bundle)
+    _check_quant(spec, info)
+    if info.float_dtype != reference.info.float_dtype:
+        raise QvlmError(f"candidate {str(spec.bundle)!r} is {info.dtype} but the reference is {reference.info.dtype}; "
+                        "validate the fp32 bundle on ONNX Runtime (fp16 bundles are for TensorRT: pass --engines)")
+    name = spec.name or Path(spec.bundle).name
+    result = CandidateResult(name=name, bundle=str(spec.bundle), setting=info.setting,
+                             deployable=bool(info.quant.get("deployable", True)), runs_on=str(info.quant.get("runs_on")),
+                             method=info.quant.get("method"), skipped=list(spec.skipped))
+    for graph in GRAPHS:
+        runners = _graph_runners(info, spec, graph, config, reference.info)
+        log(f"{name}: comparing {graph} ({', '.join(runners)} vs reference)")
+        result.graphs.append(compare_graph(graph, reference.results[graph], runners, reference.feeds[graph],
+                                           info.setting, thresholds))
+    if config.task:
+        log(f"{name}: task parity on {len(samples)} eval samples")
+        result.task = _task(reference, info, spec, config, samples, ref_eval, thresholds, progress)
+    log(f"{name}: per-layer data")
+    result.layers = _layers(spec, config)
+    return result
+
+
+def _reference_eval(reference: Reference, config: ValidateConfig, progress: bool):
+    from ..data.manifest import load_dataset
+    from ..evaluate.accuracy import evaluate
+    from ..runtime.factory import answerer_for_bundle
+
+    samples = load_dataset(config.eval_data, limit=config.eval_samples)
+    answerer, _ = answerer_for_bundle(reference.info.path, mode="faithful", threads=config.threads)
+    try:
+        return samples, evaluate(answerer, samples, batch_size=config.batch_size, progress=progress,
+                                 description="eval reference")
+    finally:
+        answerer.close()
+
+
+def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | Path,
+             config: ValidateConfig | None = None, reuse_reference: str | Path | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True) -> ValidationReport:
+    """Compare each candidate with the FP reference and write the report directory ``out``.
+
+    Returns the report whatever the verdict (``report.passed``); raises QvlmError for bad input.
+    """
+    config = config or ValidateConfig()
+    log = log or _quiet
+    if not candidates:
+        raise QvlmError("validate needs at least one --candidate bundle")
+    thresholds = load_thresholds(config.thresholds)
+    timings: dict[str, float] = {}
+    with atomic_directory(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="qvlm-validate-") as scratch:
+        start = time.perf_counter()
+        reference = prepare_reference(reference, config, tmp / POLYGRAPHY_DIR, Path(scratch), log,
+                                      None if reuse_reference is None else Path(reuse_reference))
+        samples, ref_eval = (_reference_eval(reference, config, progress) if config.task else (None, None))
+        timings["reference"] = time.perf_counter() - start
+        results = []
+        for spec in candidates:
+            start = time.perf_counter()
+            results.append(validate_candidate(reference, spec, config, thresholds, samples, ref_eval, log, progress))
+            timings[results[-1].name] = time.perf_counter() - start
+        report = ValidationReport(
+            reference={"path": reference.path, "kind": reference.kind, "setting": "fp", "dtype": reference.info.dtype,
+                       "eval": ref_eval.to_json() if ref_eval is not None else None},
+            candidates=results, thresholds=thresholds, config=config.to_dict(), timings_s=timings)
+        write_report_files(report, tmp)
+        inputs = {"reference": digest(hash_tree(Path(reference.info.path)))}
+        inputs.update({f"candidate:{r.name}": digest(hash_tree(Path(s.bundle))) for r, s in zip(results, candidates)})
+        write_manifest(tmp, build_manifest(REPORT_KIND, {"validate": config.to_dict(),
+                                                         "thresholds": thresholds.to_json()}, inputs, tmp,
+                                           extra={"passed": report.passed}))
+    return report

@@ -1,0 +1,77 @@
+"""The validate stage's configuration: one frozen dataclass, serialised into the report's manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import QvlmError
+
+VALIDATE_CONFIG_VERSION = 1
+ORT_RUNNERS = ("faithful", "fast")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """What validate compares and on which data.
+
+    Attributes:
+        calib: calibration data for graph parity (``builtin:calib``, ``builtin:eval:N`` or a JSONL path).
+        calib_samples: how many calibration samples feed the graphs (in batches of ``batch_size``).
+        batch_size: samples per feed; also the eval batch size.
+        decode_steps: decoder decode-step feeds per batch after the prefill feed.
+        eval_data: evaluation data for task parity.
+        eval_samples: how many eval samples (None: all).
+        runners: ONNX Runtime session modes to compare (``faithful`` exact QDQ, ``fast`` fused kernels).
+        task: run task-level parity (greedy answers on the eval set).
+        layer_errors: measure per-layer hidden-state error when the candidate's quant state is known.
+        thresholds: thresholds YAML path (None: the packaged ``configs/thresholds.yaml``).
+        threads: ONNX Runtime intra-op threads (None: ORT's default).
+    """
+
+    calib: str = "builtin:calib"
+    calib_samples: int = 8
+    batch_size: int = 4
+    decode_steps: int = 1
+    eval_data: str = "builtin:eval"
+    eval_samples: int | None = 100
+    runners: tuple[str, ...] = ORT_RUNNERS
+    task: bool = True
+    layer_errors: bool = True
+    thresholds: str | None = None
+    threads: int | None = None
+    version: int = VALIDATE_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("calib_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise QvlmError(f"validate: {name} must be at least 1, got {getattr(self, name)}")
+        if self.decode_steps < 0:
+            raise QvlmError(f"validate: decode_steps must be 0 or more, got {self.decode_steps}")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise QvlmError(f"validate: eval_samples must be at least 1 (or null for all), got {self.eval_samples}")
+        unknown = [r for r in self.runners if r not in ORT_RUNNERS]
+        if unknown or not self.runners:
+            raise QvlmError(f"validate: runners must be a non-empty subset of {list(ORT_RUNNERS)}, got {list(self.runners)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["runners"] = list(self.runners)
+        return d
+
+
+def validate_config_from_dict(raw: dict[str, Any] | None, source: str = "validate") -> ValidateConfig:
+    """A config from a mapping (e.g. the ``validate:`` section of a run config), rejecting unknown keys."""
+    raw = dict(raw or {})
+    names = {f.name for f in dataclasses.fields(ValidateConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(names - {'version'})}")
+    if "runners" in raw:
+        runners = raw["runners"]
+        raw["runners"] = tuple(runners.split(",") if isinstance(runners, str) else runners)
+    try:
+        return ValidateConfig(**raw)
+    except TypeError as exc:
+        raise QvlmError(f"{source}: {exc}") from None
