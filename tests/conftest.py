@@ -23,3 +23,35 @@ def embedded_model_dir():
     from qvlm_export.load.model import EMBEDDED_MODEL_DIR
 
     return EMBEDDED_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """``tiny_bundle(setting, dtype)``: an exported ONNX bundle of a 1+1-layer random model, RTN-quantized.
+
+    Cached per (setting, dtype) for the whole session, so every test that needs a real
+    exported bundle shares one export (each costs ~15-25 s on 2 cores). ``setting`` "fp"
+    gives the unquantized reference bundle.
+    """
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.load.tiny import save_tiny_random_model
+    from qvlm_export.quant.recipe import recipe_from_dict
+    from qvlm_export.search.api import quantize
+
+    root = tmp_path_factory.mktemp("tiny_bundles")
+    cache: dict[tuple[str, str], object] = {}
+    model = save_tiny_random_model(root / "model", vision_layers=1, text_layers=1, hidden=32, heads=2)
+
+    def make(setting: str = "w8a8", dtype: str = "fp32"):
+        if (setting, dtype) not in cache:
+            quant = None
+            if setting != "fp":
+                recipe = recipe_from_dict({"method": "rtn", "setting": setting, "weights": {"group_size": 16},
+                                           "calibration": {"samples": 2, "batch_size": 2}})
+                quant = root / f"quant-{setting}"
+                if not quant.exists():
+                    quantize(model, recipe, out=quant, progress=False)
+            cache[(setting, dtype)] = export_bundle(model, quant, out=root / f"bundle-{setting}-{dtype}", dtype=dtype)
+        return cache[(setting, dtype)]
+
+    return make
