@@ -333,3 +333,21 @@ def test_engine_set_serves_the_runtime_runner_contract(bundle, tmp_path):
                                        **dict(zip(info.past_names(), info.empty_past(2), strict=True))})[0]
     assert np.array_equal(logits, expected) and [p.shape for p in present] == [(2, 2, 0, 4)] * 2
     assert step_logits.shape == (2, 1, 16)
+
+
+def test_batches_above_the_profile_run_in_chunks(bundle, tmp_path):
+    import onnxruntime as ort
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    engines = ort_backed_engine_set(out, bundle).activate()
+    rng = np.random.default_rng(2)
+    feeds = {"inputs_embeds": rng.standard_normal((5, 1, 8)).astype(np.float16),  # PROFILE.max_batch is 2
+             "attention_mask": np.ones((5, 5), np.int64), "position_ids": np.zeros((5, 1), np.int64),
+             "past_key_values.0.key": rng.standard_normal((5, 2, 4, 4)).astype(np.float16),
+             "past_key_values.0.value": rng.standard_normal((5, 2, 4, 4)).astype(np.float16)}
+    got = engines.run("decoder", feeds)
+    direct = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    expected = dict(zip(["logits", "present.0.key", "present.0.value"], direct.run(None, feeds), strict=True))
+    assert set(got) == set(expected)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected) and got["logits"].shape == (5, 1, 16)
+    engines.deactivate()

@@ -114,15 +114,26 @@ class TrtEngineSet:
         self.deactivate()
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of one graph; batches above the profile's max_batch run in chunks (every I/O is batch-major)."""
         if not self._runners:
             raise QvlmError("the TensorRT engines are not active; use `with TrtEngineSet(dir) as engines:`")
         if graph not in self.manifest["engines"]:
             raise QvlmError(f"{self.engine_dir} has no {graph!r} engine; it has {sorted(self.manifest['engines'])}")
         phase = choose_phase(graph, feeds)
+        shapes = self.manifest["engines"][graph]["optimization_profiles"][phase]["shapes"]
+        max_batch = min(s["max"][0] for s in shapes.values())
+        batch = next(iter(feeds.values())).shape[0] if feeds else 0
+        if batch <= max_batch:
+            return self._run_chunk(graph, phase, feeds)
+        parts = [self._run_chunk(graph, phase, {k: v[i:i + max_batch] for k, v in feeds.items()})
+                 for i in range(0, batch, max_batch)]
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+
+    def _run_chunk(self, graph: str, phase: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed_shapes(self.manifest, graph, phase, feeds, where=str(self.engine_dir))
         contiguous = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
-        return dict(self._runners[(graph, phase)].infer(contiguous))
-
+        # copy: Polygraphy runners may reuse their output buffers on the next call
+        return {name: np.array(value) for name, value in self._runners[(graph, phase)].infer(contiguous).items()}
 
 def input_metadata(manifest: dict[str, Any], graph: str):
     """Polygraphy ``TensorMetadata`` of one engine from its manifest: dtypes, and None on dynamic axes."""
