@@ -59,3 +59,78 @@ def test_qdq_linear_engine_matches_ort(tmp_path, kwargs):
                              data_loader=feeds)
     assert bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=0.05, rtol=0.02)))
 
+
+
+def _feeds(info: dict, graph: str, rng) -> list[dict[str, np.ndarray]]:
+    """Prefill and decode feeds for the decoder; one batch for vision and embed (fp16 bundles)."""
+    model, f16 = info["model"], np.float16
+    if graph == "vision":
+        return [{"pixel_values": rng.standard_normal((2, 3, model["image_size"], model["image_size"])).astype(f16)}]
+    if graph == "embed":
+        return [{"input_ids": rng.integers(0, model["vocab_size"], (2, 9)).astype(np.int64)}]
+    feeds = []
+    for seq, past in ((9, 0), (1, 9)):
+        step = {"inputs_embeds": rng.standard_normal((2, seq, model["hidden_size"])).astype(f16),
+                "attention_mask": np.ones((2, past + seq), np.int64),
+                "position_ids": np.tile(np.arange(past, past + seq), (2, 1)).astype(np.int64)}
+        for i in range(model["num_layers"]):
+            for kv in ("key", "value"):
+                shape = (2, model["num_kv_heads"], past, model["head_dim"])
+                step[f"past_key_values.{i}.{kv}"] = rng.standard_normal(shape).astype(f16)
+        feeds.append(step)
+    return feeds
+
+
+@pytest.mark.parametrize("setting", ["w8a8", "w4a16"])
+def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
+    """Build edge-style engines from an exported fp16 bundle; every graph and phase matches ORT faithful."""
+    import json
+
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+
+    from qvlm_export.build.builder import build_engines, read_engine_manifest
+    from qvlm_export.build.profiles import BuildProfile
+    from qvlm_export.build.trt_runner import TrtEngineSet, graph_runner
+
+    bundle = tiny_bundle(setting, "fp16")
+    profile = BuildProfile(name="test", max_batch=2, max_prompt=32, max_context=64, workspace_mib=512,
+                           timing_cache=str(tmp_path / "timing.cache"))
+    out = build_engines(bundle, profile, tmp_path / "engines")
+    manifest = read_engine_manifest(out)
+    assert manifest["gpu"]["compute_capability"] == GPU[1] and manifest["tensorrt"]["version"]
+    info = json.loads((bundle / "bundle.json").read_text())
+    rng = np.random.default_rng(0)
+    with TrtEngineSet(out) as engines:
+        for graph in ("vision", "embed", "decoder"):
+            results = Comparator.run([OnnxrtRunner(_ort_faithful(bundle / f"{graph}.onnx")),
+                                      graph_runner(engines, graph)], data_loader=_feeds(info, graph, rng))
+            for ref, trt in zip(results[0][1], results[1][1], strict=True):
+                for name in ref.keys():
+                    expected, got = ref[name].astype(np.float32), trt[name].astype(np.float32)
+                    span = float(expected.max() - expected.min()) if expected.size else 0.0
+                    error = float(np.abs(expected - got).max()) if expected.size else 0.0
+                    assert error <= 0.05 * span + 1e-3, f"{graph}/{name}: max error {error:.4g}, range {span:.4g}"
+
+
+def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path):
+    import json
+
+    from qvlm_export.build.builder import build_engines
+    from qvlm_export.build.profiles import BuildProfile
+    from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.runtime.factory import answerer_for_bundle, answerer_for_engines
+
+    bundle = tiny_bundle("w8a8", "fp16")
+    out = build_engines(bundle, BuildProfile(name="test", max_batch=1, max_prompt=128, max_context=160), tmp_path / "e")
+    samples = load_dataset("builtin:eval:8")
+    trt_answers = answerer_for_engines(out)[0].answer(samples)  # batch 8 runs in chunks of max_batch 1
+    ort_answers = answerer_for_bundle(bundle)[0].answer(samples)
+    agree = sum(a == b for a, b in zip(trt_answers, ort_answers, strict=True)) / len(samples)
+    assert agree >= 0.75, (trt_answers, ort_answers)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tensorrt"]["version"] = "9.0.0"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(QvlmError, match="built with TensorRT 9.0.0 but"):
+        answerer_for_engines(out)[0].answer(samples[:1])
