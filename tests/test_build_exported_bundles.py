@@ -103,3 +103,15 @@ def test_engine_directory_answers_like_the_bundle(tiny_bundle, tmp_path):
     expected = answerer_for_bundle(bundle, mode="faithful")[0].answer(samples)
     assert answers == expected and len(set(answers)) > 1
     engines.deactivate()
+
+
+def test_cli_eval_on_engines_without_tensorrt_is_one_line(tiny_bundle, tmp_path, monkeypatch, capsys):
+    import sys
+
+    out = build_engines(tiny_bundle("w8a8", "fp16"), BuildProfile(name="t", max_prompt=128, max_context=160),
+                        tmp_path / "engines", compiler=lambda spec, profile, cache: b"",
+                        environment=TrtEnvironment("10.3.0", "NVIDIA L4", "8.9"))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["eval", "--engines", str(out), "--data", "builtin:eval:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: TensorRT is not installed") and err.count("\n") == 1
