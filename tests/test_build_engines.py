@@ -200,7 +200,7 @@ def test_cli_build_without_tensorrt_is_one_line_exit_2(bundle, tmp_path, monkeyp
 
 
 def test_cli_dry_run_prints_the_plan(bundle, capsys):
-    assert main(["build", "--bundle", str(bundle), "--profile", "server", "--out", "unused", "--dry-run"]) == 0
+    assert main(["build", "--bundle", str(bundle), "--profile", "server", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     decode = plan["engines"]["decoder"]["optimization_profiles"][1]["shapes"]["past_key_values.0.key"]
     assert decode == {"min": [1, 2, 1, 4], "opt": [8, 2, 1024, 4], "max": [16, 2, 4095, 4]}
@@ -212,6 +212,8 @@ def test_cli_build_errors(bundle, tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert main(["build", "--bundle", str(bundle), "--profile", "tiny-gpu", "--out", "x"]) == 2
     assert "build profile 'tiny-gpu' not found" in capsys.readouterr().err
+    assert main(["build", "--bundle", str(bundle), "--profile", "edge"]) == 2
+    assert "build needs --out DIR" in capsys.readouterr().err
 
 
 def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):

@@ -40,7 +40,7 @@ def check_trt_command(
 def build_command(
     bundle: Annotated[str, typer.Option(help="ONNX bundle directory written by `qvlm-export export`")],
     profile: Annotated[str, typer.Option(help="build profile: edge | server | path to a YAML profile")],
-    out: Annotated[str, typer.Option(help="engine directory to write (replaced atomically)")],
+    out: Annotated[str | None, typer.Option(help="engine directory to write (replaced atomically)")] = None,
     timing_cache: Annotated[str | None, typer.Option(help="timing cache file (default: the profile's)")] = None,
     skip_check: Annotated[bool, typer.Option(help="build even if check-trt finds rule violations")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the engines and optimization-profile shapes; no TensorRT")] = False,
@@ -50,11 +50,14 @@ def build_command(
 
     from ..build.builder import build_engines, dump_plan, plan_build
     from ..build.profiles import load_profile
+    from ..errors import QvlmError
 
     resolved = load_profile(profile)
     if dry_run:
         typer.echo(dump_plan(plan_build(Path(bundle), resolved)))
         return
+    if out is None:
+        raise QvlmError("build needs --out DIR (the engine directory to write), or --dry-run to only print the plan")
     path = build_engines(Path(bundle), resolved, Path(out), timing_cache=Path(timing_cache) if timing_cache else None,
                          skip_check=skip_check)
     typer.echo(f"engines written to {path}")
