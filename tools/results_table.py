@@ -10,7 +10,7 @@ Each row is exactly what the CLI reproduces::
 
 ``accuracy`` is greedy exact match on the eval split (default builtin:eval, 500 questions);
 ``logit_sqnr_db`` is defined in :mod:`qvlm_export.evaluate.logits` (centred first-answer-token
-logits vs the FP model on builtin:eval:100); ``search_seconds`` is the wall time of the
+logits vs the FP model on all of builtin:eval); ``search_seconds`` is the wall time of the
 calibration walk recorded in the quant state (CPU unless a GPU was used; see the manifest).
 Rows: ``{"method", "setting", "deployable", "accuracy", "logit_sqnr_db", "search_seconds"}``;
 the FP row has setting ``fp``, SQNR null and search time 0.
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model directory (default: embedded)")
     parser.add_argument("--calib", default="builtin:calib")
     parser.add_argument("--eval-data", default="builtin:eval")
-    parser.add_argument("--sqnr-data", default=None, help="logit-SQNR subset (default: builtin:eval:100)")
+    parser.add_argument("--sqnr-data", default=None, help="logit-SQNR data (default: builtin:eval, all 500)")
     parser.add_argument("--states-dir", default=None, help="keep the quant states here (default: a temp dir)")
     parser.add_argument("--out-dir", default=str(DOCS))
     args = parser.parse_args(argv)

@@ -2,13 +2,14 @@
 
 For each group of Linears fed by one producer (see :mod:`.smoothing`):
 ``s = mean|x|^r / sqrt(max * min)`` for ``r`` on a grid of ``grid`` points in [0, 1); the
-chosen ``r`` minimises the block-output error with that group's weights pseudo-quantized
-as ``Q(W diag(s)) diag(s)^-1`` and everything else in float (the paper's objective
-``||Q(W s)(s^-1 X) - W X||``, measured at the layer output on the quantized-stream
-inputs). The scales are folded into the producer. Then, per Linear except q/k (whose
-output error is not what attention sees), llm-awq's clipping search picks a per-group
-shrink of the absmax range, and the weights are rounded on that grid. Linears behind a
-nonlinearity with no foldable producer (CLIP fc2, the projector) only get the clipping.
+chosen ``r`` minimises the paper's ``||Q(W diag(s)) (diag(s)^-1 X) - W X||^2`` measured, as
+llm-awq does, at the output of the module that consumes the group (self-attention for
+q/k/v, the MLP for gate/up or fc1, o_proj and down_proj themselves), on the block's
+quantized-stream inputs, with only that group pseudo-quantized. The scales are folded
+into the producer. Then, per Linear except q/k (whose output error is not what attention
+sees), llm-awq's clipping search picks a per-group shrink of the absmax range, and the
+weights are rounded on that grid. Linears behind a nonlinearity with no foldable
+producer (CLIP fc2, the projector) only get the clipping.
 
 method_args: ``grid`` (20), ``clip`` (true), ``clip_grid`` (20), ``max_shrink`` (0.5),
 ``clip_tokens`` (512 input rows per Linear for the clipping search).
@@ -27,10 +28,14 @@ from .algorithms import awq_clip_ratio, awq_scales, pseudo_quantize
 from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
 from .registry import register_method
 from .smoothing import ScaleGroup, find_scale_groups, fold_scales
-from .stats import InputStats, collect_input_stats, masked_mse, run_block
+from .stats import InputStats, capture_calls, collect_input_stats, masked_mse
 
 _ARGS = {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
 _NO_CLIP = ("q_proj", "k_proj")
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 @register_method("awq")
@@ -42,10 +47,14 @@ class AWQ:
     def plan(self, calibrator) -> None:
         return None
 
-    def search_scale(self, ctx: BlockContext, group: ScaleGroup, absmean: torch.Tensor,
-                     targets: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    def search_scale(self, ctx: BlockContext, group: ScaleGroup, absmean: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Grid-search the exponent ``r``; returns it and its scales. Leaves the weights as found."""
         w = self.recipe.weights
+        inspect_name = group.consumers[0].rsplit(".", 1)[0] if group.producer_is_norm else group.consumers[0]
+        module = ctx.root.get_submodule(inspect_name)
+        calls = capture_calls(ctx, inspect_name)
+        with torch.no_grad():
+            targets = [_first(module(*a, **k)) for a, k in calls]
         linears = [ctx.root.get_submodule(c) for c in group.consumers]
         originals = [lin.weight.detach().clone() for lin in linears]
         best = (float("inf"), 0.0, torch.ones_like(absmean))
@@ -56,7 +65,8 @@ class AWQ:
                 with torch.no_grad():
                     for lin, w0 in zip(linears, originals):
                         lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size) / s)
-                err = masked_mse(ctx, run_block(ctx), targets)
+                    outs = [_first(module(*a, **k)) for a, k in calls]
+                err = masked_mse(ctx, outs, targets)
                 if err < best[0]:
                     best = (err, ratio, s)
         finally:
@@ -76,11 +86,10 @@ class AWQ:
 
     def block(self, ctx: BlockContext) -> None:
         before = snapshot_parameters(ctx)
-        targets = run_block(ctx, fp=True)
         ratios = {}
         for group in find_scale_groups(ctx, through_gate=True):
             absmean = collect_input_stats(ctx, group.consumers[:1])[group.consumers[0]].channel_absmean
-            ratio, s = self.search_scale(ctx, group, absmean, targets)
+            ratio, s = self.search_scale(ctx, group, absmean)
             fold_scales(ctx.root, group, s)
             ratios[group.producer] = ratio
         record_rewritten_parameters(ctx, before)

@@ -186,3 +186,15 @@ def masked_mse(ctx: BlockContext, outputs: list[torch.Tensor], targets: list[tor
         total += float(diff.double().pow(2).sum())
         count += diff.numel()
     return total / max(count, 1)
+
+
+def capture_calls(ctx: BlockContext, name: str) -> list[tuple[tuple, dict[str, Any]]]:
+    """The (args, kwargs) module ``name`` receives for each calibration batch of the quantized stream."""
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+    handle = ctx.root.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    try:
+        run_block(ctx)
+    finally:
+        handle.remove()
+    return calls
