@@ -28,7 +28,7 @@ from .algorithms import awq_clip_ratio, awq_scales, pseudo_quantize
 from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
 from .registry import register_method
 from .smoothing import ScaleGroup, find_scale_groups, fold_scales
-from .stats import InputStats, capture_calls, collect_input_stats, masked_mse
+from .stats import InputStats, capture_calls, collect_input_stats, masked_mse, unit_of
 
 _ARGS = {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
 _NO_CLIP = ("q_proj", "k_proj")
@@ -66,7 +66,7 @@ class AWQ:
                     for lin, w0 in zip(linears, originals):
                         lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size) / s)
                     outs = [_first(module(*a, **k)) for a, k in calls]
-                err = masked_mse(ctx, outs, targets)
+                err = masked_mse(ctx, outs, targets, unit_of(ctx, inspect_name))
                 if err < best[0]:
                     best = (err, ratio, s)
         finally:

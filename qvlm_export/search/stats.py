@@ -177,12 +177,13 @@ def input_groups(ctx: BlockContext) -> list[list[str]]:
     return groups + [[n] for n in linears if n not in called]
 
 
-def masked_mse(ctx: BlockContext, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """Mean squared error over real tokens of the block outputs, pooled over batches."""
+def masked_mse(ctx: BlockContext, outputs: list[torch.Tensor], targets: list[torch.Tensor],
+               unit: int | None = None) -> float:
+    """Mean squared error over real tokens of per-batch outputs of ``unit`` (default: the block's last)."""
     total, count = 0.0, 0
-    last_unit = len(ctx.units) - 1
+    unit = len(ctx.units) - 1 if unit is None else unit
     for b, (out, ref) in enumerate(zip(outputs, targets)):
-        diff = _rows(out - ref, batch_mask(ctx, last_unit, b))
+        diff = _rows(out - ref, batch_mask(ctx, unit, b))
         total += float(diff.double().pow(2).sum())
         count += diff.numel()
     return total / max(count, 1)
