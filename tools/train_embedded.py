@@ -30,7 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qvlm_export.data.synthetic import GRID, SPLIT_SEEDS, make_sample, make_split, scene_targets  # noqa: E402
+from qvlm_export.data.synthetic import GRID, QUESTION_TYPES, SPLIT_SEEDS, make_sample, make_split, scene_targets  # noqa: E402
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
 from qvlm_export.load.model import LoadedVLM, build_prompt  # noqa: E402
@@ -72,18 +72,27 @@ class CellHeads(nn.Module):
         self.side = patches_per_side
         self.shape = nn.Linear(hidden, 4)
         self.color = nn.Linear(hidden, 5)
+        # Which cell each patch lies in: keeps absolute position linearly readable in the
+        # final features, since RoPE attention in the decoder cannot recover it from values.
+        self.where = nn.Linear(hidden, GRID * GRID)
+        rows = torch.arange(patches_per_side).repeat_interleave(patches_per_side) // (patches_per_side // GRID)
+        cols = torch.arange(patches_per_side).repeat(patches_per_side) // (patches_per_side // GRID)
+        self.register_buffer("patch_cell", rows * GRID + cols)
 
     def forward(self, patch_features: torch.Tensor):
         b, _, h = patch_features.shape
         grid = patch_features.reshape(b, GRID, self.side // GRID, GRID, self.side // GRID, h)
         cells = grid.mean(dim=(2, 4)).reshape(b, GRID * GRID, h)
-        return self.shape(cells), self.color(cells)
+        return self.shape(cells), self.color(cells), self.where(patch_features)
 
 
 def cell_loss(heads, features, targets):
-    shape_logits, color_logits = heads(features)
+    shape_logits, color_logits, where_logits = heads(features)
     ce = nn.functional.cross_entropy
-    return ce(shape_logits.flatten(0, 1), targets[..., 0].flatten()) + ce(color_logits.flatten(0, 1), targets[..., 1].flatten())
+    where_target = heads.patch_cell.expand(features.shape[0], -1)
+    return (ce(shape_logits.flatten(0, 1), targets[..., 0].flatten())
+            + ce(color_logits.flatten(0, 1), targets[..., 1].flatten())
+            + ce(where_logits.flatten(0, 1), where_target.flatten()))
 
 
 def vision_patches(model, pixels):
@@ -106,7 +115,10 @@ def train(args) -> dict:
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     config = tiny_llava_config(tokenizer)
-    model = LlavaForConditionalGeneration(config)
+    if args.init_from:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+    else:
+        model = LlavaForConditionalGeneration(config)
     side = config.vision_config.image_size // config.vision_config.patch_size
     heads = CellHeads(config.vision_config.hidden_size, side)
     t0 = time.time()
@@ -115,9 +127,14 @@ def train(args) -> dict:
     rng = np.random.default_rng(args.seed)
     log = []
 
+    # Pool sample i has question type i % 5; weighting types oversamples the hard ones.
+    type_weight = np.array([args.type_weights.get(t, 1.0) for t in QUESTION_TYPES])
+    probs = type_weight[np.arange(args.pool) % len(QUESTION_TYPES)]
+    probs = probs / probs.sum()
+
     def batches(steps):
         for step in range(steps):
-            idx = torch.from_numpy(rng.integers(0, args.pool, args.batch))
+            idx = torch.from_numpy(rng.choice(args.pool, size=args.batch, p=probs))
             yield step, [t[idx] for t in pool]
 
     # Stage 1: vision tower + cell heads only.
@@ -132,8 +149,11 @@ def train(args) -> dict:
         opt.step()
         if step % 100 == 0 or step == args.vision_steps - 1:
             print(f"[vision {step}] cell loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    # Stage 2: everything, answer loss + auxiliary cell loss.
-    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
+    # Stage 2: everything (or all but a frozen vision tower), answer loss + auxiliary cell loss.
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
     captured = {}
     hook = model.model.vision_tower.encoder.layers[-1].register_forward_hook(
         lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
@@ -141,11 +161,11 @@ def train(args) -> dict:
         for g in opt.param_groups:
             g["lr"] = one_cycle(step, args.steps, args.lr)
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=lab)
-        aux = cell_loss(heads, captured["h"][:, 1:], tgt)
+        aux = cell_loss(heads, captured["h"][:, 1:], tgt) if not args.freeze_vision else out.loss.new_zeros(())
         loss = out.loss + args.aux_weight * aux
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
             print(f"[joint {step}] answer loss {out.loss.item():.4f} cell {aux.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
@@ -176,6 +196,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", default=None, help="continue from a saved checkpoint directory")
+    p.add_argument("--freeze-vision", action="store_true", help="train only projector + decoder (continuation)")
+    p.add_argument("--type-weights", default="", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)},
+                   help="sampling weight per question type, e.g. position=2,presence=1.5")
     train(p.parse_args())
 
 
