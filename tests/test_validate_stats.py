@@ -107,3 +107,16 @@ def test_packaged_thresholds_cover_every_deployable_setting(tmp_path):
         load_thresholds(bad)
     with pytest.raises(QvlmError, match="does not exist"):
         load_thresholds(tmp_path / "missing.yaml")
+
+
+def test_search_diagnostics_reads_the_qvlm_extras_in_unit_order():
+    from qvlm_export.validate.layers import search_diagnostics
+
+    extras = {"qvlm": {"config": {"p": 0.35}, "partition": [[0, 1], [2]],
+                       "probes": {"units": ["v.0", "v.1", "lm.0"], "entropy": {"lm.0": 6.5, "v.0": 5.0, "v.1": 5.5},
+                                  "normalised_dependency": [0.7, None]}}}
+    d = search_diagnostics(extras)
+    assert d["names"] == ["v.0", "v.1", "lm.0"] and d["values"] == [5.0, 5.5, 6.5]
+    assert d["blocks"] == [[0, 1], [2]] and d["p"] == 0.35
+    assert d["dependency"][0] == 0.7 and math.isnan(d["dependency"][1])
+    assert search_diagnostics({"search_seconds": 3.0}) is None  # an RTN state: nothing to plot

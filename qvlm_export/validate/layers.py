@@ -34,11 +34,14 @@ def search_diagnostics(extras: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(qvlm, dict) or not isinstance(qvlm.get("probes"), dict):
         return None
     probes = qvlm["probes"]
-    names, entropy = list(probes.get("units") or []), list(probes.get("entropy") or [])
+    names = [str(n) for n in probes.get("units") or []]
+    raw = probes.get("entropy")
+    # The search stores entropy keyed by unit name (JSON sorts the keys): put it back in unit order.
+    entropy = [raw.get(n) for n in names] if isinstance(raw, dict) else list(raw or [])
     if not names or len(names) != len(entropy):
         return None
     dependency = list(probes.get("normalised_dependency") or [])
-    return {"names": [str(n) for n in names], "values": _floats(entropy),
+    return {"names": names, "values": _floats(entropy),
             "dependency": _floats(dependency) if len(dependency) == len(names) - 1 else None,
             "p": (qvlm.get("config") or {}).get("p"),
             "blocks": [[int(i) for i in block] for block in qvlm.get("partition") or []]}
