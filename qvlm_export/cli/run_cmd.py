@@ -1,0 +1,86 @@
+"""``qvlm-export run``: the main job (quantize -> export -> check-trt -> engines -> validate -> report)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+
+# CLI option -> run-config key; every other key is reachable with --set section.key=value or --config.
+OPTION_KEYS = {
+    "model": "model", "out": "out", "method": "quantize.method", "settings": "quantize.settings",
+    "calib": "quantize.calib", "device": "quantize.device", "calib_samples": "quantize.recipe.calibration.samples",
+    "iterations": "quantize.recipe.method_args.iterations", "profile": "build.profile", "engines": "build.engines",
+    "eval_samples": "validate.eval_samples", "parity_samples": "validate.calib_samples",
+    "thresholds": "validate.thresholds", "threads": "validate.threads",
+}
+
+
+def cli_overrides(given: dict[str, object]) -> list[str]:
+    """``--set``-style assignments for the options given on the command line (None: not given)."""
+    import yaml
+
+    return [f"{OPTION_KEYS[k]}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in given.items() if v is not None]
+
+
+@app.command("run")
+def run_command(
+    config: Annotated[str | None, typer.Option("--config", help="run config YAML (see qvlm_export/pipeline_config.py)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override any config key: section.key=value (repeatable)")] = None,
+    model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: embedded model)")] = None,
+    out: Annotated[str | None, typer.Option(help="run directory (default: qvlm-run)")] = None,
+    method: Annotated[str | None, typer.Option(help="quantization method (default: qvlm)")] = None,
+    settings: Annotated[str | None, typer.Option(help="comma-separated deployable settings (default: w8a8,w4a16)")] = None,
+    calib: Annotated[str | None, typer.Option(help="calibration data (default: builtin:calib)")] = None,
+    device: Annotated[str | None, typer.Option(help="search device: cuda | cpu")] = None,
+    calib_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples of the search")] = None,
+    iterations: Annotated[int | None, typer.Option(min=1, help="search iterations per block (Q-VLM)")] = None,
+    profile: Annotated[str | None, typer.Option(help="TensorRT build profile: edge | server | YAML")] = None,
+    engines: Annotated[str | None, typer.Option(help="TensorRT engines: auto | off | required")] = None,
+    eval_samples: Annotated[int | None, typer.Option(min=1, help="eval samples for task parity")] = None,
+    parity_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples fed to graph parity")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="parity thresholds YAML")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+) -> None:
+    """Embedded model + built-in calibration set -> Q-VLM W8A8 and W4A16 -> ONNX -> ORT/TensorRT -> validated report."""
+    from ..pipeline import run_pipeline
+    from ..pipeline_config import load_run_config
+    from .validate_view import console, fail_on, print_report
+
+    given = {"model": model, "out": out, "method": method, "settings": settings, "calib": calib, "device": device,
+             "calib_samples": calib_samples, "iterations": iterations, "profile": profile, "engines": engines,
+             "eval_samples": eval_samples, "parity_samples": parity_samples, "thresholds": thresholds,
+             "threads": threads}
+    resolved = load_run_config(config, [*cli_overrides(given), *(set_ or [])])
+    term = console()
+    result = run_pipeline(resolved, log=lambda m: term.log(m), progress=progress)
+    print_stages(result, term)
+    print_report(result.report, term, result.out / "report")
+    bad = [s for s, ok in result.check_trt.items() if not ok]
+    if bad:
+        from ..errors import ParityFailure
+
+        raise ParityFailure(f"check-trt failed for {', '.join(bad)}: see {result.out / 'check-trt'}")
+    fail_on(result.report)
+
+
+def print_stages(result, term) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"qvlm-export run: {result.out}")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("result")
+    for name, seconds in result.seconds.items():
+        setting = name.split()[-1]
+        note = ""
+        if name.startswith("check-trt"):
+            note = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
+        table.add_row(name, f"{seconds:.1f}", note)
+    for line in result.skipped:
+        table.add_row(line.split(":")[0], "-", f"[yellow]{line.split(':', 1)[1].strip()}[/]")
+    term.print(table)

@@ -1,0 +1,211 @@
+"""``qvlm-export run``: the whole toolchain in one call, each stage through its own Python API.
+
+model + calibration set
+  -> quantize   one quant state per setting (Q-VLM by default)            out/quant/<setting>/
+  -> export     the FP reference bundle and one bundle per setting         out/bundles/{fp,<setting>}/
+  -> check-trt  the static TensorRT Q/DQ rules on every quantized bundle   out/check-trt/<setting>.json
+  -> build      TensorRT engines when tensorrt and a GPU are present       out/engines/<setting>/
+  -> validate   Polygraphy parity + task parity against the FP bundle      out/report/
+Stages write their own artifact directories (atomically, with manifests); this module only
+sequences them, times them and records what ran in ``out/run.json`` and ``out/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import QvlmError
+from .manifest import atomic_write_text, build_manifest, write_manifest
+from .pipeline_config import RunConfig
+from .quant.recipe import RECIPES_DIR, QuantRecipe, recipe_from_dict
+from .validate.report import ValidationReport
+
+Log = Callable[[str], None]
+RUN_KIND = "run"
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: ValidationReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    check_trt: dict[str, bool] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def report_html(self) -> Path:
+        return self.out / "report" / "report.html"
+
+    @property
+    def passed(self) -> bool:
+        return self.report is not None and self.report.passed and all(self.check_trt.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "passed": self.passed, "seconds": self.seconds, "check_trt": self.check_trt,
+                "engines": self.engines, "skipped": self.skipped,
+                "report": str(self.report_html) if self.report is not None else None}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_recipe(method: str, setting: str, overrides: dict[str, Any]) -> QuantRecipe:
+    """The built-in ``<method>-<setting>`` recipe (or a bare one) with the run config's overrides merged in."""
+    import yaml
+
+    path = RECIPES_DIR / f"{method}-{setting}.yaml"
+    base = yaml.safe_load(path.read_text()) if path.is_file() else {"method": method, "setting": setting}
+    return recipe_from_dict(_deep_merge(base, overrides), source=f"{method}-{setting} recipe + run config")
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT engines cannot be built here (None when tensorrt and a GPU are present)."""
+    from .build.environment import detect_environment
+
+    try:
+        detect_environment()
+    except QvlmError as exc:
+        return str(exc)
+    return None
+
+
+class _Timer:
+    def __init__(self, result: RunResult, log: Log):
+        self.result, self.log = result, log
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.log(f"{name} ...")
+        start = time.perf_counter()
+        value = fn()
+        self.result.seconds[name] = round(time.perf_counter() - start, 2)
+        self.log(f"{name}: done in {self.result.seconds[name]:.1f} s")
+        return value
+
+
+def _quantize_all(config: RunConfig, out: Path, stage: _Timer, progress: bool) -> dict[str, Path]:
+    from .search.api import quantize
+
+    q = config.quantize
+    states = {}
+    for setting in q.settings:
+        recipe = resolve_recipe(q.method, setting, q.recipe)
+        if not recipe.deployable:
+            raise QvlmError(f"setting {setting!r} is simulated only (no deployable kernel); run cannot export it: "
+                            "use 'qvlm-export quantize' and 'eval --quant' for simulated settings")
+        states[setting] = stage(f"quantize {q.method} {setting}", lambda r=recipe, s=setting: quantize(
+            config.model, r, calib=q.calib, out=out / "quant" / s, device=q.device, progress=progress))
+    return states
+
+
+def _export_all(config: RunConfig, out: Path, states: dict[str, Path], stage: _Timer) -> dict[str, Path]:
+    from .export.api import export_bundle
+    from .export.config import export_config_from_dict
+
+    export_config = export_config_from_dict(config.export, "run config: export")
+    bundles = {"fp": stage("export fp", lambda: export_bundle(config.model, None, out / "bundles" / "fp",
+                                                              config=export_config))}
+    for setting, state in states.items():
+        bundles[setting] = stage(f"export {setting}", lambda s=setting, st=state: export_bundle(
+            config.model, st, out / "bundles" / s, config=export_config))
+    return bundles
+
+
+def _check_trt(bundles: dict[str, Path], out: Path, result: RunResult, stage: _Timer, log: Log) -> None:
+    from .build.check_trt import check_path
+
+    for setting, bundle in bundles.items():
+        if setting == "fp":
+            continue
+        report = stage(f"check-trt {setting}", lambda b=bundle: check_path(b))
+        report.write_json(out / "check-trt" / f"{setting}.json")
+        result.check_trt[setting] = report.ok
+        if not report.ok:
+            log(f"check-trt {setting}: {len(report.violations)} violations of {report.rules_broken()} "
+                f"(see {out / 'check-trt' / f'{setting}.json'})")
+
+
+def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result: RunResult, stage: _Timer) -> None:
+    """Engines from fp16 exports of each quantized bundle, or a 'skipped: ...' line saying why not."""
+    if config.build.engines == "off":
+        result.skipped.append("tensorrt engines: skipped: build.engines is off")
+        return
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        if config.build.engines == "required":
+            raise QvlmError(f"build.engines is 'required' but {reason}")
+        result.skipped.append(f"tensorrt engines: skipped: {reason}")
+        return
+    from .build.builder import build_engines
+    from .build.profiles import load_profile
+    from .export.api import export_bundle
+    from .export.config import export_config_from_dict
+
+    profile = load_profile(config.build.profile)
+    export_config = export_config_from_dict({**config.export, "dtype": profile.graph_dtype}, "run config: export")
+    cache = Path(config.build.timing_cache) if config.build.timing_cache else None
+    for setting, state in states.items():
+        bundle = stage(f"export {setting} {profile.graph_dtype}", lambda s=setting, st=state: export_bundle(
+            config.model, st, out / "bundles" / f"{s}-{profile.graph_dtype}", config=export_config))
+        result.engines[setting] = str(stage(f"build {setting} ({profile.name})", lambda s=setting, b=bundle: build_engines(
+            b, profile, out / "engines" / s, timing_cache=cache)))
+
+
+def _validate(config: RunConfig, out: Path, bundles: dict[str, Path], states: dict[str, Path], result: RunResult,
+              stage: _Timer, log: Log, progress: bool) -> ValidationReport:
+    from .validate.api import CandidateSpec, validate
+
+    skipped = tuple(line for line in result.skipped if line.startswith("tensorrt"))
+    candidates = [CandidateSpec(bundle=bundles[s], quant=states[s], name=s, skipped=skipped,
+                                engines=Path(result.engines[s]) if s in result.engines else None)
+                  for s in config.quantize.settings]
+    return stage("validate", lambda: validate(bundles["fp"], candidates, out / "report", config.validate,
+                                              log=log, progress=progress))
+
+
+def run_pipeline(config: RunConfig, log: Log | None = None, progress: bool = True) -> RunResult:
+    """Run every stage into ``config.out``; the result says what ran, how long, and the verdict."""
+    log = log or (lambda _: None)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise QvlmError(f"--out {str(out)!r} is a file; choose a directory")
+    result = RunResult(out=out)
+    stage = _Timer(result, log)
+    start = time.perf_counter()
+    states = _quantize_all(config, out, stage, progress)
+    bundles = _export_all(config, out, states, stage)
+    _check_trt(bundles, out, result, stage, log)
+    _build_engines(config, out, states, result, stage)
+    result.report = _validate(config, out, bundles, states, result, stage, log, progress)
+    result.seconds["total"] = round(time.perf_counter() - start, 2)
+    atomic_write_text(out / "run.json", json.dumps(result.to_json(), indent=2) + "\n")
+    write_manifest(out, run_manifest(config, out, states, bundles, result))
+    return result
+
+
+def run_manifest(config: RunConfig, out: Path, states: dict[str, Path], bundles: dict[str, Path],
+                 result: RunResult) -> dict[str, Any]:
+    """The run directory's manifest: each stage artifact by the hash of its own manifest (which hashes its files)."""
+    from .load.model import resolve_model_path
+    from .manifest import digest, hash_tree, sha256_file
+
+    artifacts = {**{f"quant/{s}": p for s, p in states.items()}, **{f"bundles/{s}": p for s, p in bundles.items()},
+                 **{f"engines/{s}": Path(p) for s, p in result.engines.items()}, "report": out / "report"}
+    manifest = build_manifest(RUN_KIND, config.to_dict(), {"model": digest(hash_tree(resolve_model_path(config.model)))},
+                              out / "report", extra={"passed": result.passed, "seconds": result.seconds,
+                                                     "skipped": result.skipped, "check_trt": result.check_trt})
+    # Hash artifact manifests, not every weight file again: each manifest already hashes its own files.
+    manifest["outputs"] = {f"{name}/manifest.json": sha256_file(Path(p) / "manifest.json")
+                           for name, p in artifacts.items()}
+    manifest["outputs"]["run.json"] = sha256_file(out / "run.json")
+    return manifest
