@@ -53,7 +53,8 @@ def _img(b64: str, alt: str) -> str:
 
 
 def _stat_cell(stat: str, stats: dict, checks: dict) -> str:
-    value = _num(stats.get(stat))
+    v = stats.get(stat)
+    value = f"{v:.6f}" if stat == "cosine" and isinstance(v, float) else _num(v)
     if stat not in checks:
         return f"<td>{value}</td>"
     c = checks[stat]

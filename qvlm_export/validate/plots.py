@@ -60,12 +60,13 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylab
 
 
 def short_layer_name(name: str) -> str:
-    """``model.language_model.layers.3.mlp.up_proj`` -> ``layers.3.mlp.up_proj`` (axis labels must fit)."""
+    """``model.language_model.layers.3.mlp.up_proj`` -> ``decoder 3.mlp.up_proj`` (axis labels must fit)."""
+    stack = "vision" if "vision" in name else "decoder" if "language_model" in name or name.startswith("decoder") else ""
     parts = name.split(".")
     for i, part in enumerate(parts):
-        if part.isdigit() and i > 0:
-            return ".".join(parts[i - 1:])
-    return ".".join(parts[-2:])
+        if part.isdigit():
+            return f"{stack} {'.'.join(parts[i:])}".strip()
+    return parts[-1]
 
 
 def layer_line(layers: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, title: str,

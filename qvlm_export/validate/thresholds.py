@@ -68,7 +68,8 @@ class Check:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.4g}" if math.isfinite(v) else str(v)
+    # Six digits: a cosine of 0.99896 must not print as the 0.999 it failed against.
+    return f"{v:.6g}" if math.isfinite(v) else str(v)
 
 
 def _json_num(v: float) -> float | str:
