@@ -30,6 +30,7 @@ from qvlm_export.quant.recipe import METHODS, RECIPES_DIR, SETTINGS
 
 BASELINES = ("rtn", "smoothquant", "awq", "gptq")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+EVAL_BATCH = 32  # `qvlm-export eval`'s default: batch composition changes left padding, so keep it identical
 
 
 def fp_row(model: str | None, eval_data: str) -> tuple[dict, object]:
@@ -38,7 +39,7 @@ def fp_row(model: str | None, eval_data: str) -> tuple[dict, object]:
     from qvlm_export.evaluate.backends import make_answerer
 
     answerer, _ = make_answerer(model=model)
-    acc = evaluate(answerer, load_dataset(eval_data), batch_size=50, progress=False).overall
+    acc = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False).overall
     return {"method": "fp", "setting": "fp", "deployable": True, "accuracy": round(acc, 4),
             "logit_sqnr_db": None, "search_seconds": 0.0}, answerer.vlm
 
@@ -55,7 +56,7 @@ def quant_row(method: str, setting: str, model: str | None, calib: str, eval_dat
                      progress=False)
     meta = json.loads((state / "state.json").read_text())
     answerer, info = make_answerer(model=model, quant=str(state))
-    acc = evaluate(answerer, load_dataset(eval_data), batch_size=50, progress=False).overall
+    acc = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False).overall
     sqnr = logit_sqnr_db(fp_logits, next_token_logits(answerer.vlm, load_dataset(sqnr_data)))
     return {"method": method, "setting": setting, "deployable": bool(info["deployable"]), "accuracy": round(acc, 4),
             "logit_sqnr_db": round(sqnr, 2), "search_seconds": round(float(meta["extras"]["search_seconds"]), 2)}
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     fp, fp_vlm = fp_row(args.model, args.eval_data)
     if "fp" in methods:
         rows.append(fp)
+        print(f"{'fp':12s} {'fp':6s} acc {fp['accuracy']:.4f}", flush=True)
     fp_logits = next_token_logits(fp_vlm, load_dataset(sqnr_data))
     with tempfile.TemporaryDirectory() as tmp:
         states = Path(args.states_dir) if args.states_dir else Path(tmp)
