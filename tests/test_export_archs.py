@@ -66,6 +66,7 @@ def test_siglip_keeps_every_patch_and_qwen2_biases_stay_float(bundles, models):
     assert inits[bias].data_type == TensorProto.FLOAT  # the bias is a float constant, never dequantized
 
 
+@pytest.mark.slow
 def test_fp16_variant_has_fp16_interface_and_scales(models, tmp_path):
     arch = "clip-mistral"
     out = export_bundle(model=models[arch], quant=H.quant_state("w4a16", models[arch]), out=tmp_path / "fp16",
@@ -90,6 +91,7 @@ def test_fp16_variant_has_fp16_interface_and_scales(models, tmp_path):
     assert H.relative_logit_errors(reference, got, batch["attention_mask"]).max() < 2e-2
 
 
+@pytest.mark.slow
 def test_export_is_byte_identical_twice(models, bundles, tmp_path):
     arch = "siglip-qwen2"
     again = export_bundle(model=models[arch], quant=H.quant_state("w8a8", models[arch]), out=tmp_path / "again")

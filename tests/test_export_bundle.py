@@ -157,11 +157,13 @@ def _polygraphy_args(info, graph: str) -> list[str]:
             "position_ids:[2,3]", *past, "--val-range", "attention_mask:[1,1]", "position_ids:[0,8]"]
 
 
-@pytest.mark.parametrize("setting", ("w8a8", "w4a16"))
-def test_polygraphy_inspect_and_run(bundles, setting):
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "graphs"), [("w8a8", GRAPHS), ("w4a16", ("vision", "decoder"))])
+def test_polygraphy_inspect_and_run(bundles, setting, graphs):
+    # the embed graph is the same float Gather in every bundle: W8A8 covers it
     exe = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or "polygraphy"
     info = read_bundle(bundles[setting])
-    for graph in GRAPHS:
+    for graph in graphs:
         path = str(bundles[setting] / f"{graph}.onnx")
         for cmd in ([exe, "inspect", "model", path], [exe, "run", "--onnxrt", path, *_polygraphy_args(info, graph)]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
