@@ -43,14 +43,20 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _check_quant(spec: CandidateSpec, info: BundleInfo) -> None:
+def check_candidate(spec: CandidateSpec) -> BundleInfo:
+    """Every input of a candidate, checked before anything expensive runs."""
+    info = read_bundle(spec.bundle)
+    if spec.engines is not None and not (Path(spec.engines) / "manifest.json").is_file():
+        raise QvlmError(f"--engines {str(spec.engines)!r} is not an engine directory (no manifest.json); "
+                        "write one with `qvlm-export build`")
     if spec.quant is None:
-        return
+        return info
     expected = info.quant.get("state_sha256")
     actual = digest(hash_tree(Path(spec.quant)))
     if expected and actual != expected:
         raise QvlmError(f"--quant {str(spec.quant)!r} is not the quant state bundle {str(spec.bundle)!r} was exported "
                         "from (hash differs); pass the matching state or omit --quant")
+    return info
 
 
 def _graph_runners(info: BundleInfo, spec: CandidateSpec, graph: str, config: ValidateConfig,
@@ -99,10 +105,8 @@ def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | Non
     return layer_summary(Path(spec.quant), load_dataset(config.calib, limit=config.batch_size))
 
 
-def validate_candidate(reference: Reference, spec: CandidateSpec, config: ValidateConfig,
+def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleInfo, config: ValidateConfig,
                        thresholds: ThresholdConfig, samples, ref_eval, log, progress: bool) -> CandidateResult:
-    info = read_bundle(spec.bundle)
-    _check_quant(spec, info)
     if info.float_dtype != reference.info.float_dtype:
         raise QvlmError(f"candidate {str(spec.bundle)!r} is {info.dtype} but the reference is {reference.info.dtype}; "
                         "validate the fp32 bundle on ONNX Runtime (fp16 bundles are for TensorRT: pass --engines)")
@@ -149,6 +153,7 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
     if not candidates:
         raise QvlmError("validate needs at least one --candidate bundle")
     thresholds = load_thresholds(config.thresholds)
+    infos = [check_candidate(spec) for spec in candidates]
     timings: dict[str, float] = {}
     with atomic_directory(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="qvlm-validate-") as scratch:
         start = time.perf_counter()
@@ -157,9 +162,10 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
         samples, ref_eval = (_reference_eval(reference, config, progress) if config.task else (None, None))
         timings["reference"] = time.perf_counter() - start
         results = []
-        for spec in candidates:
+        for spec, info in zip(candidates, infos):
             start = time.perf_counter()
-            results.append(validate_candidate(reference, spec, config, thresholds, samples, ref_eval, log, progress))
+            results.append(validate_candidate(reference, spec, info, config, thresholds, samples, ref_eval, log,
+                                              progress))
             timings[results[-1].name] = time.perf_counter() - start
         report = ValidationReport(
             reference={"path": reference.path, "kind": reference.kind, "setting": "fp", "dtype": reference.info.dtype,
