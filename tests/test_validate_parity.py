@@ -107,3 +107,26 @@ def test_saved_reference_reloads_identically(setup):
                           "w8a8", THRESHOLDS)
     first = {(o.comparison, o.output): o.stats for o in _compare(setup).outputs}
     assert all(first[(o.comparison, o.output)] == o.stats for o in again.outputs)
+
+
+def test_fp16_candidate_is_fed_and_judged_in_float32(setup):
+    """The cast wrapper (used for fp16 TensorRT engines) lets an fp16 graph join an fp32 comparison."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from qvlm_export.validate.runners import cast_runner
+
+    w1, w2, _, _ = setup["w"]
+    model = fp_mlp(w1, w2)
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = 10  # FLOAT16
+    fp16 = OnnxrtRunner(lambda: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]),
+                        name="tensorrt")
+    result = compare_graph("mlp", setup["reference"], {"tensorrt": cast_runner(fp16, np.dtype(np.float16))},
+                           setup["data"], "w8a8", THRESHOLDS)
+    y = next(o for o in result.outputs if o.output == "y")
+    assert y.comparison == "tensorrt" and y.passed  # tensorrt falls back to the faithful bounds
+    assert 40 < y.stats.sqnr_db < 90  # fp16 rounding: far better than int8, not bit-exact

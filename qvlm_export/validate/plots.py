@@ -54,7 +54,8 @@ def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylab
     ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.margins(y=0.2)  # headroom so the legend row never covers a bar
+    ax.legend(fontsize=8, ncol=n, loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
