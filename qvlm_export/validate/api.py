@@ -154,6 +154,8 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
         raise QvlmError("validate needs at least one --candidate bundle")
     thresholds = load_thresholds(config.thresholds)
     infos = [check_candidate(spec) for spec in candidates]
+    for info in infos:
+        thresholds.bounds(info.setting, "faithful", "vision", "image_features")  # a missing section fails now
     timings: dict[str, float] = {}
     with atomic_directory(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="qvlm-validate-") as scratch:
         start = time.perf_counter()
