@@ -103,8 +103,10 @@ def _quantize_all(config: RunConfig, out: Path, stage: _Timer, progress: bool) -
         if not recipe.deployable:
             raise QvlmError(f"setting {setting!r} is simulated only (no deployable kernel); run cannot export it: "
                             "use 'qvlm-export quantize' and 'eval --quant' for simulated settings")
-        states[setting] = stage(f"quantize {q.method} {setting}", lambda r=recipe, s=setting: quantize(
-            config.model, r, calib=q.calib, out=out / "quant" / s, device=q.device, progress=progress))
+        checkpoint = Path(q.checkpoint_dir) / setting if q.checkpoint_dir else None
+        states[setting] = stage(f"quantize {q.method} {setting}", lambda r=recipe, s=setting, c=checkpoint: quantize(
+            config.model, r, calib=q.calib, out=out / "quant" / s, device=q.device, progress=progress,
+            checkpoint_dir=c))
     return states
 
 
@@ -158,7 +160,7 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
         bundle = stage(f"export {setting} {profile.graph_dtype}", lambda s=setting, st=state: export_bundle(
             config.model, st, out / "bundles" / f"{s}-{profile.graph_dtype}", config=export_config))
         result.engines[setting] = str(stage(f"build {setting} ({profile.name})", lambda s=setting, b=bundle: build_engines(
-            b, profile, out / "engines" / s, timing_cache=cache)))
+            b, profile, out / "engines" / s, timing_cache=cache, skip_check=config.build.skip_check)))
 
 
 def _validate(config: RunConfig, out: Path, bundles: dict[str, Path], states: dict[str, Path], result: RunResult,

@@ -9,11 +9,12 @@ A run config file mirrors the stages (every key optional)::
       settings: [w8a8, w4a16]
       calib: builtin:calib
       device: null                   # cuda | cpu; null: cuda when available
+      checkpoint_dir: null           # resumable searches (one sub-directory per setting)
       recipe:                        # merged into every setting's recipe (see quant/recipe.py)
         calibration: {samples: 32}
         method_args: {iterations: 80}
     export: {opset: 21}              # keyword options of qvlm_export.export's API
-    build: {profile: edge, engines: auto, timing_cache: null}
+    build: {profile: edge, engines: auto, timing_cache: null, skip_check: false}
     validate: {calib_samples: 8, eval_samples: 100, runners: [faithful, fast]}
 
 ``--set section.key=value`` on the command line overrides any key (values parse as YAML).
@@ -42,6 +43,7 @@ class QuantizeOptions:
     calib: str = "builtin:calib"
     device: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
+    checkpoint_dir: str | None = None  # resumable searches: one sub-directory per setting
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class BuildOptions:
     profile: str = "edge"
     engines: str = "auto"  # auto: build when tensorrt and a GPU are present; off; required: fail without them
     timing_cache: str | None = None
+    skip_check: bool = False  # build even when check-trt finds violations
 
 
 @dataclass(frozen=True)
