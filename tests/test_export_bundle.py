@@ -26,6 +26,7 @@ from qvlm_export.cli import main  # noqa: E402
 from qvlm_export.data.manifest import load_dataset  # noqa: E402
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
+from qvlm_export.load.tiny import save_tiny_random_model  # noqa: E402
 from qvlm_export.manifest import hash_tree, read_manifest  # noqa: E402
 from qvlm_export.runtime.bundle import read_bundle  # noqa: E402
 from qvlm_export.runtime.factory import answerer_for_bundle  # noqa: E402
@@ -171,7 +172,7 @@ def test_polygraphy_inspect_and_run(bundles, setting, graphs):
         assert "PASSED" in done.stdout + done.stderr
 
 
-def test_simulated_only_state_is_refused(tmp_path, capsys):
+def test_bad_states_are_refused_in_one_line(tmp_path, capsys):
     state = tmp_path / "w6a6"
     shutil.copytree(H.quant_state("w8a8"), state)
     recipe = (state / "recipe.yaml").read_text().replace("setting: w8a8", "setting: w6a6")
@@ -180,4 +181,10 @@ def test_simulated_only_state_is_refused(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "simulated only" in err and "w8a8" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bundle").exists()
+    other = save_tiny_random_model(tmp_path / "other", vision_layers=1, text_layers=1)
+    assert main(["export", "--quant", str(H.quant_state("w8a8")), "--model", str(other),
+                 "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert "pass the --model the state was made for" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bundle").exists()

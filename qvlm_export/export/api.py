@@ -38,6 +38,17 @@ def check_exportable(state) -> None:
                         "use 8-bit activations or none")
 
 
+def check_state_fits(model, state, model_path: Path) -> None:
+    """Every quantized layer exists in ``model`` with the state's shape (else a state for another model)."""
+    modules = dict(model.named_modules())
+    for name, lq in sorted(state.layers.items()):
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is None or tuple(weight.shape) != tuple(lq.weight_codes.shape):
+            found = "missing" if weight is None else f"shape {list(weight.shape)}"
+            raise QvlmError(f"the quant state's layer {name!r} ({list(lq.weight_codes.shape)}) is {found} in "
+                            f"{str(model_path)!r}; pass the --model the state was made for")
+
+
 def _linear_names(model) -> list[str]:
     from torch import nn
 
@@ -58,6 +69,7 @@ def prepare_model(model: str | Path | None, quant: str | Path | None, config: Ex
         check_exportable(state)
     vlm = load_vlm(model if model is not None else (state.model_path if state is not None else None))
     if state is not None:
+        check_state_fits(vlm.model, state, vlm.path)
         apply_quant_state(vlm.model, state)
     vlm.model.set_attn_implementation(config.attn_implementation)
     mark_linears(vlm.model, _linear_names(vlm.model))
