@@ -69,9 +69,10 @@ def run_command(
 
 
 def print_stages(result, term) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"qvlm-export run: {result.out}")
+    table = Table(title=f"qvlm-export run: {escape(str(result.out))}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("result")
@@ -82,5 +83,5 @@ def print_stages(result, term) -> None:
             note = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
         table.add_row(name, f"{seconds:.1f}", note)
     for line in result.skipped:
-        table.add_row(line.split(":")[0], "-", f"[yellow]{line.split(':', 1)[1].strip()}[/]")
+        table.add_row(escape(line.split(":")[0]), "-", f"[yellow]{escape(line.split(':', 1)[1].strip())}[/]")
     term.print(table)
