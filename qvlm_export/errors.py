@@ -21,3 +21,17 @@ class ParityFailure(QvlmError):
     """Validation ran fine but a parity threshold failed: exit code 1."""
 
     exit_code = 1
+
+
+def reject_unknown_keys(raw: dict, allowed: set[str] | type, where: str, hidden: frozenset[str] = frozenset()) -> None:
+    """One-line error naming the first unknown key of a config mapping and the allowed ones.
+
+    ``allowed`` is a set of names or a dataclass whose field names are allowed; ``hidden``
+    names are accepted but not advertised (e.g. ``version``).
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(allowed)} if isinstance(allowed, type) else set(allowed)
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names - hidden)}")

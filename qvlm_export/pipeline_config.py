@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import QvlmError
+from .errors import QvlmError, reject_unknown_keys
 from .quant.recipe import SETTINGS
 from .validate.config import ValidateConfig, validate_config_from_dict
 
@@ -76,20 +76,14 @@ def _section(cls, raw: Any, where: str):
         return cls()
     if not isinstance(raw, dict):
         raise QvlmError(f"{where}: must be a mapping")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    reject_unknown_keys(raw, cls, where)
     return cls(**raw)
 
 
 def run_config_from_dict(raw: dict[str, Any] | None, source: str = "run config") -> RunConfig:
     """Validate a run-config mapping (see the module docstring)."""
     raw = dict(raw or {})
-    allowed = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(allowed - {'version'})}")
+    reject_unknown_keys(raw, RunConfig, source, hidden=frozenset({"version"}))
     quantize = dict(raw.get("quantize") or {})
     if "settings" in quantize:
         s = quantize["settings"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import QvlmError
+from ..errors import QvlmError, reject_unknown_keys
 
 PROFILE_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "engines"
@@ -90,10 +90,7 @@ def profile_from_dict(raw: Any, source: str = "profile") -> BuildProfile:
     """Validate a profile mapping; every error names the key and the allowed values."""
     if not isinstance(raw, dict):
         raise QvlmError(f"{source}: a build profile must be a YAML mapping with at least 'name'")
-    names = {f.name for f in dataclasses.fields(BuildProfile)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    reject_unknown_keys(raw, BuildProfile, source)
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise QvlmError(f"{source}: 'name' must be a non-empty string")
     for key in ("max_batch", "opt_batch", "max_prompt", "opt_prompt", "workspace_mib", "opt_context"):

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QvlmError
+from ..errors import QvlmError, reject_unknown_keys
 
 EXPORT_CONFIG_VERSION = 1
 DTYPES = ("fp32", "fp16")
@@ -45,8 +45,5 @@ class ExportConfig:
 def export_config_from_dict(raw: dict[str, Any] | None, where: str = "export config") -> ExportConfig:
     """Validate a mapping (e.g. the ``export:`` section of a run config) into an :class:`ExportConfig`."""
     raw = dict(raw or {})
-    names = {f.name for f in dataclasses.fields(ExportConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    reject_unknown_keys(raw, ExportConfig, where)
     return ExportConfig(**raw)

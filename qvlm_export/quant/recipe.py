@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import QvlmError
+from ..errors import QvlmError, reject_unknown_keys
 
 RECIPE_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "calibration" / "recipes"
@@ -95,10 +95,7 @@ def _section(cls, raw: Any, where: str, defaults: dict[str, Any] | None = None):
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise QvlmError(f"{where}: must be a mapping, got {type(raw).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(names)}")
+    reject_unknown_keys(raw, cls, where)
     return cls(**{**(defaults or {}), **raw})
 
 
@@ -107,9 +104,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
     if not isinstance(raw, dict):
         raise QvlmError(f"{source}: a recipe must be a YAML mapping with 'method' and 'setting'")
     allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(allowed)}")
+    reject_unknown_keys(raw, allowed, source)
     method, setting = raw.get("method"), str(raw.get("setting", "")).lower()
     if method not in METHODS:
         raise QvlmError(f"{source}: method must be one of {list(METHODS)}, got {method!r}")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QvlmError
+from ..errors import QvlmError, reject_unknown_keys
 
 VALIDATE_CONFIG_VERSION = 1
 ORT_RUNNERS = ("faithful", "fast")
@@ -64,10 +64,7 @@ class ValidateConfig:
 def validate_config_from_dict(raw: dict[str, Any] | None, source: str = "validate") -> ValidateConfig:
     """A config from a mapping (e.g. the ``validate:`` section of a run config), rejecting unknown keys."""
     raw = dict(raw or {})
-    names = {f.name for f in dataclasses.fields(ValidateConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise QvlmError(f"{source}: unknown key {unknown[0]!r}; allowed keys: {sorted(names - {'version'})}")
+    reject_unknown_keys(raw, ValidateConfig, source, hidden=frozenset({"version"}))
     if "runners" in raw:
         runners = raw["runners"]
         raw["runners"] = tuple(runners.split(",") if isinstance(runners, str) else runners)
