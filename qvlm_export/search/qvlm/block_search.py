@@ -2,14 +2,15 @@
 
 For a block ``B_i`` of consecutive units ending at unit ``L_i`` the search minimises
 
-    L = ||f_q(X_q) - f_r(X_r)||^2 / ||f_r(X_r)||^2  +  lambda * R_round  [+ eta * sum_k w_k H_soft(X_q^(k))]
+    L = mean_t ||f_q(X_q)_t - f_r(X_r)_t||^2 / ||f_r(X_r)_t||^2  +  lambda * R_round  [+ eta * sum_k w_k H_soft(X_q^(k))]
 
 where ``f_q`` is the block with every Linear quantized (AdaRound weights, learnable
 static activation steps), ``X_q`` the block input from the already-quantized preceding
 blocks (``ctx.q_inputs``), ``f_r``/``X_r`` the full-precision block and input, the norm
-taken over the last unit's output on valid tokens (the paper's
-``||W_q^(L_i) X_q^(L_i) - W_r^(L_i) X_r^(L_i)||^2``, normalised so the loss scale does not
-depend on the layer). ``R_round`` is AdaRound's regulariser, annealed after a warm-up, so
+taken over the last unit's output on valid tokens ``t`` (the paper's
+``||W_q^(L_i) X_q^(L_i) - W_r^(L_i) X_r^(L_i)||^2``, made relative per token so that neither
+the layer's scale nor the few attention-sink tokens that carry most of the hidden-state
+energy decide the search; ``token_normalised=False`` pools instead). ``R_round`` is AdaRound's regulariser, annealed after a warm-up, so
 the soft rounding ends binary; the entropy term is the visual-encoder optimisation
 (:mod:`.visual`) and is only passed for vision blocks.
 """
@@ -74,18 +75,32 @@ def input_statistics(ctx: BlockContext, masks: list[torch.Tensor | None], bits: 
     return absmax, errors
 
 
-def block_error(ctx: BlockContext, targets: list[torch.Tensor], masks: list[torch.Tensor | None]) -> float:
-    """``sum ||f_q(X_q) - f_r(X_r)||^2 / sum ||f_r(X_r)||^2`` over the calibration set (valid tokens)."""
+def error_terms(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                token_normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numerator and denominator of the relative output error over valid tokens.
+
+    Token-normalised: ``sum_t ||y_t - r_t||^2 / ||r_t||^2`` and the token count, so every
+    token weighs the same; pooled: ``sum ||y - r||^2`` and ``sum ||r||^2``.
+    """
+    y, target = _masked(y, mask), _masked(target, mask)
+    diff, energy = (y - target).pow(2).sum(-1), target.pow(2).sum(-1)
+    if token_normalised:
+        return (diff / energy.clamp_min(1e-12)).sum(), torch.tensor(float(diff.numel()))
+    return diff.sum(), energy.sum()
+
+
+def block_error(ctx: BlockContext, targets: list[torch.Tensor], masks: list[torch.Tensor | None],
+                token_normalised: bool = True) -> float:
+    """The relative error of the block's last output over the calibration set (see :func:`error_terms`)."""
     num = den = 0.0
     with torch.no_grad():
         for b, x in enumerate(ctx.q_inputs):
-            y, t = _masked(ctx.forward(x, b), masks[b]), _masked(targets[b], masks[b])
-            num += float((y - t).pow(2).sum())
-            den += float(t.pow(2).sum())
+            n, d = error_terms(ctx.forward(x, b), targets[b], masks[b], token_normalised)
+            num, den = num + float(n), den + float(d)
     return num / max(den, 1e-30)
 
 
-def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float]) -> float:
+def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float], token_normalised: bool) -> float:
     """The block error of plain round-to-nearest (min/max weight steps, absmax activation steps)."""
     originals = dict(ctx.linears())
     bits = ctx.recipe.activations.bits
@@ -93,7 +108,7 @@ def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float])
         scale = activation_scale(absmax[name], bits) if bits else None
         swap_module(ctx, name, QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias))
     try:
-        return block_error(ctx, targets, masks)
+        return block_error(ctx, targets, masks, token_normalised)
     finally:
         for name, lin in originals.items():
             swap_module(ctx, name, lin)
@@ -120,7 +135,7 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
     with torch.no_grad():
         targets = [ctx.forward(x, b, fp=True) for b, x in enumerate(ctx.fp_inputs)]
     absmax, errors = input_statistics(ctx, masks, bits, cfg.clip_grid)
-    rtn_err = rtn_block_error(ctx, targets, masks, absmax)
+    rtn_err = rtn_block_error(ctx, targets, masks, absmax, cfg.token_normalised)
 
     frozen = [p for m in ctx.modules for p in m.parameters() if p.requires_grad]
     for p in frozen:
@@ -137,13 +152,13 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
     try:
         for sl in search.values():
             sl.hard = True
-        init_err = block_error(ctx, targets, masks)
+        init_err = block_error(ctx, targets, masks, cfg.token_normalised)
         for sl in search.values():
             sl.hard = False
         _optimise(ctx, cfg, search, targets, masks, seed, entropy_term)
         for sl in search.values():
             sl.hard, sl.capture, sl.captured = True, False, None
-        final_err = block_error(ctx, targets, masks)
+        final_err = block_error(ctx, targets, masks, cfg.token_normalised)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -164,17 +179,14 @@ def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear
         groups.append({"params": params_step, "lr": cfg.lr_step})
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
-    energy = sum(float(_masked(t, m).pow(2).sum()) for t, m in zip(targets, masks))
-    count = sum(_masked(t, m).numel() for t, m in zip(targets, masks))
-    mean_energy = max(energy / max(count, 1), 1e-30)
     warm = int(cfg.warmup * cfg.iterations)
     label = ctx.units[0].name if len(ctx.units) == 1 else f"{ctx.units[0].name} (+{len(ctx.units) - 1})"
     with _progress(cfg.progress, label, cfg.iterations) as bar:
         task = bar.add_task(label, total=cfg.iterations)
         for it in range(cfg.iterations):
             b = int(torch.randint(len(ctx.q_inputs), (1,), generator=gen))
-            y = _masked(ctx.forward(ctx.q_inputs[b], b), masks[b])
-            loss = (y - _masked(targets[b], masks[b])).pow(2).mean() / mean_energy
+            num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised)
+            loss = num / den.clamp_min(1e-30)
             if it >= warm:
                 frac = (it - warm) / max(cfg.iterations - warm, 1)
                 beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac

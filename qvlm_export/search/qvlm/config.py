@@ -24,6 +24,9 @@ class QVLMConfig:
         round_weight: weight of the AdaRound regulariser (mean over weights) once annealing starts.
         warmup: fraction of iterations before the regulariser switches on.
         beta: start and end of the regulariser's annealed exponent.
+        token_normalised: measure the block output error per token relative to the token's FP
+            energy (every token weighs the same) instead of pooled; a few attention-sink tokens
+            carry most of the hidden-state energy and would otherwise decide the search.
         probe_bits: bit width of the entropy probe when activations are not quantized (A16).
         dependency_mining: partition by ``D`` (off: every unit its own block, layer-wise search).
         visual_optimization: add the entropy term to vision blocks (off: ``eta`` is ignored).
@@ -32,15 +35,16 @@ class QVLMConfig:
         progress: show a progress bar per block.
     """
 
-    p: float = 0.35
+    p: float = 0.6
     max_depth: int = 3
-    eta: float = 0.002
+    eta: float = 0.0005
     iterations: int = 160
     lr_round: float = 0.02
     lr_step: float = 0.005
     round_weight: float = 0.01
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
+    token_normalised: bool = False
     probe_bits: int = 8
     dependency_mining: bool = True
     visual_optimization: bool = True

@@ -14,7 +14,8 @@ entropy where the final output is sensitive, which lowers the cross-layer depend
   once before the search. ``w_k`` is that norm divided by its mean over the vision
   units, so ``eta`` does not depend on the model's logit scale.
 * ``H`` is the soft entropy of :func:`.entropy.soft_entropy` on the block's captured
-  probe input with its current (learnable) activation step.
+  probe input with its current activation step held fixed, so the term shapes the
+  activations (through the rounding of the block's earlier layers), not the quantizer.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ class EntropyTerm:
         for unit, lin in self.probes.items():
             sl = search[lin]
             bits = sl.act_bits if sl.quantize_input else self.probe_bits
-            total = total + self.weights[unit] * soft_entropy(sl.captured, sl.act_step(), bits)
+            # The step is held fixed here: a coarser quantizer always has fewer codes, and with Adam
+            # that gradient would grow the step at the full learning rate for any eta > 0. The term
+            # acts on the activations themselves, through the rounding of the layers before them.
+            total = total + self.weights[unit] * soft_entropy(sl.captured, sl.act_step().detach(), bits)
         return self.eta * total
 
 
