@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ def graph_specs(model: nn.Module, config: ExportConfig) -> list[GraphSpec]:
 def trace_graph(spec: GraphSpec, config: ExportConfig, translation: dict | None = None) -> onnx.ModelProto:
     """Export one wrapper; exporter chatter is captured and shown only when the export fails."""
     log = io.StringIO()
+    # The exporter logs one warning per missing torchvision op on every call, through a
+    # handler bound before stderr is redirected; only errors concern the user.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             program = torch.onnx.export(
