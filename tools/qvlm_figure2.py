@@ -8,7 +8,8 @@ layer-wise and jointly (``qvlm_export.search.qvlm.ded``), giving ``DED = E_layer
 E_joint`` at unit ``k+1``'s output; the x-axis is the sample's probe entropy
 ``H(X_q^(k))`` (and, second panel, its dependency ``D(k, k+1)``), with the probe scale
 calibrated on all samples as in the search's plan. A least-squares line and its R^2 are
-reported whatever they are. Writes docs/figures/qvlm_fig2.png and docs/figures/qvlm_fig2.json.
+reported whatever they are. Writes docs/figures/qvlm_fig2.png and .json (``--mode shared``:
+one search on all samples, errors split per sample: qvlm_fig2_shared.png and .json).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def fit_line(x: list[float], y: list[float]) -> dict[str, float]:
     return {"intercept": float(a), "slope": float(b), "r2": r2}
 
 
-def measure(model: str | None, setting: str, layer: str | None, n_samples: int, iterations: int) -> dict:
+def measure(model: str | None, setting: str, layer: str | None, n_samples: int, iterations: int,
+            mode: str = "per-sample") -> dict:
     import torch
 
     from qvlm_export.data.manifest import load_dataset
@@ -43,7 +45,7 @@ def measure(model: str | None, setting: str, layer: str | None, n_samples: int, 
     from qvlm_export.quant.calibrate import SequentialCalibrator
     from qvlm_export.quant.recipe import load_recipe
     from qvlm_export.search.qvlm.config import config_from_args
-    from qvlm_export.search.qvlm.ded import capture_unit_inputs, measure_ded, slice_batch
+    from qvlm_export.search.qvlm.ded import capture_unit_inputs, measure_ded, measure_ded_per_sample, slice_batch
     from qvlm_export.search.qvlm.method import block_seed
     from qvlm_export.search.qvlm.probes import collect_probe_stats, uses_mask
 
@@ -58,21 +60,29 @@ def measure(model: str | None, setting: str, layer: str | None, n_samples: int, 
     stats = collect_probe_stats(vlm.model, cal.batches, cal.units, recipe.activations.bits, cfg.probe_bits,
                                 cfg.clip_grid, None, cal.device)
     pair = capture_unit_inputs(cal, first)
-    points = []
-    sample = 0
-    for b, x in enumerate(pair["inputs"]):
-        n = x.shape[0]
-        for i in range(n):
-            kwargs = [slice_batch(pair["kwargs"][b], i, n)]
-            mask = [cal.batches[b].attention_mask[i:i + 1].bool()] if uses_mask(pair["units"][0]) else [None]
-            seed = block_seed(recipe.calibration.seed, [names[first], str(sample)])
-            torch.manual_seed(seed)
-            ded = measure_ded(pair["units"], pair["modules"], [x[i:i + 1]], kwargs, mask, recipe, cfg, seed)
-            points.append({"sample": sample, "entropy": stats.sample_entropy[names[first]][sample],
-                           "dependency": stats.sample_dependency[first][sample], **ded})
-            sample += 1
-            print(f"sample {sample}/{len(samples)}: H={points[-1]['entropy']:.3f} DED={ded['ded']:.5f}", file=sys.stderr)
-    return {"model": str(vlm.path), "setting": setting, "units": [names[first], names[first + 1]],
+    masked = uses_mask(pair["units"][0])
+    h_k, d_k = stats.sample_entropy[names[first]], stats.sample_dependency[first]
+    if mode == "shared":  # search once on all samples, split the two solutions' errors by sample
+        masks = [b.attention_mask.bool() if masked else None for b in cal.batches]
+        seed = block_seed(recipe.calibration.seed, names[first:first + 2])
+        torch.manual_seed(seed)
+        deds = measure_ded_per_sample(pair["units"], pair["modules"], pair["inputs"], pair["kwargs"], masks,
+                                      recipe, cfg, seed)
+        points = [{"sample": i, "entropy": h_k[i], "dependency": d_k[i], **d} for i, d in enumerate(deds)]
+    else:  # search each sample alone
+        points = []
+        for b, x in enumerate(pair["inputs"]):
+            n = x.shape[0]
+            for i in range(n):
+                sample = len(points)
+                mask = [cal.batches[b].attention_mask[i:i + 1].bool()] if masked else [None]
+                seed = block_seed(recipe.calibration.seed, [names[first], str(sample)])
+                torch.manual_seed(seed)
+                ded = measure_ded(pair["units"], pair["modules"], [x[i:i + 1]], [slice_batch(pair["kwargs"][b], i, n)],
+                                  mask, recipe, cfg, seed)
+                points.append({"sample": sample, "entropy": h_k[sample], "dependency": d_k[sample], **ded})
+                print(f"sample {sample + 1}/{len(samples)}: H={h_k[sample]:.3f} DED={ded['ded']:.5f}", file=sys.stderr)
+    return {"model": str(vlm.path), "setting": setting, "mode": mode, "units": [names[first], names[first + 1]],
             "probe_bits": stats.bits, "iterations": iterations, "samples": len(points), "points": points,
             "fit_entropy": fit_line([p["entropy"] for p in points], [p["ded"] for p in points]),
             "fit_dependency": fit_line([p["dependency"] for p in points], [p["ded"] for p in points])}
@@ -96,7 +106,7 @@ def plot(result: dict, png: Path) -> None:
         ax.set_ylabel("DED (layer-wise - joint error)")
         ax.set_title(f"R^2 = {fit['r2']:.3f}")
     pair = " -> ".join(u.removeprefix("model.") for u in result["units"])
-    fig.suptitle(f"{pair}, {result['setting'].upper()}, {result['samples']} calibration samples")
+    fig.suptitle(f"{pair}, {result['setting'].upper()}, {result['samples']} calibration samples, {result['mode']} search")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -110,19 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", default=None, help="unit k by name (default: the middle decoder layer)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--mode", choices=("per-sample", "shared"), default="per-sample",
+                        help="search each sample alone, or once on all samples and split the errors by sample")
     parser.add_argument("--out", type=Path, default=DOCS / "figures")
     args = parser.parse_args(argv)
 
     from qvlm_export.manifest import atomic_write_text
 
     start = time.perf_counter()
-    result = measure(args.model, args.setting, args.layer, args.samples, args.iterations)
+    result = measure(args.model, args.setting, args.layer, args.samples, args.iterations, args.mode)
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / "qvlm_fig2.png")
-    atomic_write_text(args.out / "qvlm_fig2.json", json.dumps(result, indent=2) + "\n")
+    stem = "qvlm_fig2" if args.mode == "per-sample" else "qvlm_fig2_shared"
+    plot(result, args.out / f"{stem}.png")
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     print(f"R^2 (DED vs entropy) = {result['fit_entropy']['r2']:.3f}, "
-          f"R^2 (DED vs dependency) = {result['fit_dependency']['r2']:.3f}; wrote {args.out / 'qvlm_fig2.png'}")
+          f"R^2 (DED vs dependency) = {result['fit_dependency']['r2']:.3f}; wrote {args.out / (stem + '.png')}")
     return 0
 
 

@@ -10,6 +10,8 @@
 Both searches are :func:`.block_search.search_block` with the same configuration, run on
 copies of the two units (the user's model is never touched). A positive DED is the error
 a layer-wise search leaves because it ignores the dependency between the two layers.
+:func:`measure_ded` searches on the given inputs (one sample for a per-sample search);
+:func:`measure_ded_per_sample` searches once on all of them and splits the error by sample.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from ...quant.calibrate import BlockContext, SequentialCalibrator, Unit
 from ...quant.recipe import QuantRecipe
-from .block_search import search_block
+from .block_search import block_error, search_block
 from .config import QVLMConfig
 
 
@@ -45,20 +47,53 @@ def detached_context(units: Sequence[Unit], modules: Sequence[nn.Module], q_inpu
                         kwargs=[kwargs for _ in units], recipe=recipe, root=root)
 
 
-def measure_ded(units: Sequence[Unit], modules: Sequence[nn.Module], inputs: list[torch.Tensor],
-                kwargs: list[dict[str, Any]], masks: list[torch.Tensor | None], recipe: QuantRecipe,
-                cfg: QVLMConfig, seed: int) -> dict[str, float]:
-    """Layer-wise and joint block error at unit ``k+1``'s output, and their difference (DED)."""
+def _search_both(units, modules, inputs, kwargs, masks, recipe, cfg, seed):
+    """The joint block and the two layer-wise blocks, searched on ``inputs`` (FP inputs of unit ``k``)."""
     if len(units) != 2:
         raise ValueError("DED compares exactly two consecutive units")
-    joint = search_block(detached_context(units, modules, inputs, inputs, kwargs, recipe), cfg, masks, seed)
+    joint = detached_context(units, modules, inputs, inputs, kwargs, recipe)
+    search_block(joint, cfg, masks, seed)
     first = detached_context(units[:1], modules[:1], inputs, inputs, kwargs, recipe)
     search_block(first, cfg, masks, seed)
     with torch.no_grad():
         q_mid = [first.forward(x, b) for b, x in enumerate(inputs)]
         fp_mid = [first.forward(x, b, fp=True) for b, x in enumerate(inputs)]
-    second = search_block(detached_context(units[1:], modules[1:], q_mid, fp_mid, kwargs, recipe), cfg, masks, seed + 1)
-    return {"layerwise": second["error"], "joint": joint["error"], "ded": second["error"] - joint["error"]}
+    second = detached_context(units[1:], modules[1:], q_mid, fp_mid, kwargs, recipe)
+    search_block(second, cfg, masks, seed + 1)
+    return joint, second
+
+
+def _sample_errors(ctx: BlockContext, masks: list[torch.Tensor | None]) -> list[float]:
+    """Relative output error of the searched block per sample: ``||y_q - y_r||^2 / ||y_r||^2``."""
+    out = []
+    with torch.no_grad():
+        for b, (xq, xr) in enumerate(zip(ctx.q_inputs, ctx.fp_inputs)):
+            diff = (ctx.forward(xq, b) - ctx.forward(xr, b, fp=True)).pow(2).sum(-1)
+            energy = ctx.forward(xr, b, fp=True).pow(2).sum(-1)
+            keep = torch.ones_like(diff) if masks[b] is None else masks[b].to(diff.dtype)
+            out += ((diff * keep).sum(-1) / (energy * keep).sum(-1).clamp_min(1e-30)).tolist()
+    return out
+
+
+def measure_ded(units: Sequence[Unit], modules: Sequence[nn.Module], inputs: list[torch.Tensor],
+                kwargs: list[dict[str, Any]], masks: list[torch.Tensor | None], recipe: QuantRecipe,
+                cfg: QVLMConfig, seed: int) -> dict[str, float]:
+    """Layer-wise and joint block error at unit ``k+1``'s output over ``inputs``, and their difference."""
+    joint, second = _search_both(units, modules, inputs, kwargs, masks, recipe, cfg, seed)
+    lw = block_error(second, [second.forward(x, b, fp=True) for b, x in enumerate(second.fp_inputs)], masks,
+                     cfg.token_normalised)
+    jt = block_error(joint, [joint.forward(x, b, fp=True) for b, x in enumerate(joint.fp_inputs)], masks,
+                     cfg.token_normalised)
+    return {"layerwise": lw, "joint": jt, "ded": lw - jt}
+
+
+def measure_ded_per_sample(units: Sequence[Unit], modules: Sequence[nn.Module], inputs: list[torch.Tensor],
+                           kwargs: list[dict[str, Any]], masks: list[torch.Tensor | None], recipe: QuantRecipe,
+                           cfg: QVLMConfig, seed: int) -> list[dict[str, float]]:
+    """Search both ways once on all ``inputs``, then the DED of each sample under those two solutions."""
+    joint, second = _search_both(units, modules, inputs, kwargs, masks, recipe, cfg, seed)
+    lw, jt = _sample_errors(second, masks), _sample_errors(joint, masks)
+    return [{"layerwise": a, "joint": b, "ded": a - b} for a, b in zip(lw, jt)]
 
 
 def slice_batch(obj: Any, i: int, n: int) -> Any:
