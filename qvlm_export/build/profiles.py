@@ -1,6 +1,6 @@
 """Engine build profiles: one frozen, versioned config per deployment target.
 
-A profile file (``engines/<name>.yaml``) says how large the engines' inputs may get
+A profile file (``engines/<name>.yaml``, package data in ``qvlm_export/profiles/``) says how large the engines' inputs may get
 and how TensorRT should build them; it never says which precision to use, because
 strongly typed networks take precision from the graph's dtypes and Q/DQ nodes::
 
@@ -28,7 +28,8 @@ from typing import Any
 from ..errors import QvlmError, reject_unknown_keys
 
 PROFILE_VERSION = 1
-PROFILES_DIR = Path(__file__).resolve().parent.parent.parent / "engines"
+# Package data, so an installed wheel has them; the repo's engines/ links here.
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 GRAPH_DTYPES = ("fp32", "fp16")
 

@@ -1,7 +1,8 @@
 """Quantization recipes: one frozen, versioned config per method and setting.
 
-A recipe file (``calibration/recipes/<method>-<setting>.yaml``) names a method and a
-setting; everything else defaults from the setting table below and may be overridden::
+A recipe file (``calibration/recipes/<method>-<setting>.yaml``, package data in
+``qvlm_export/recipes/``) names a method and a setting; everything else defaults from the
+setting table below and may be overridden::
 
     method: awq
     setting: w4a16
@@ -22,7 +23,8 @@ from typing import Any
 from ..errors import QvlmError, reject_unknown_keys
 
 RECIPE_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent.parent / "calibration" / "recipes"
+# Package data, so an installed wheel has them; the repo's calibration/recipes links here.
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm")
 
 # setting -> (weight bits, weight granularity, activation bits or None, deployable, runs on)
