@@ -82,7 +82,10 @@ def measure(model: str | None, setting: str, layer: str | None, n_samples: int, 
                                   mask, recipe, cfg, seed)
                 points.append({"sample": sample, "entropy": h_k[sample], "dependency": d_k[sample], **ded})
                 print(f"sample {sample + 1}/{len(samples)}: H={h_k[sample]:.3f} DED={ded['ded']:.5f}", file=sys.stderr)
-    return {"model": str(vlm.path), "setting": setting, "mode": mode, "units": [names[first], names[first + 1]],
+    from qvlm_export.manifest import digest, hash_tree
+
+    # the directory name and a content digest: an absolute path would only name this machine
+    return {"model": vlm.path.name, "model_digest": digest(hash_tree(vlm.path))[:16], "setting": setting, "mode": mode, "units": [names[first], names[first + 1]],
             "probe_bits": stats.bits, "iterations": iterations, "samples": len(points), "points": points,
             "fit_entropy": fit_line([p["entropy"] for p in points], [p["ded"] for p in points]),
             "fit_dependency": fit_line([p["dependency"] for p in points], [p["ded"] for p in points])}
