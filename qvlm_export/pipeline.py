@@ -23,7 +23,7 @@ from typing import Any
 from .errors import QvlmError
 from .manifest import atomic_write_text, build_manifest, write_manifest
 from .pipeline_config import RunConfig
-from .quant.recipe import RECIPES_DIR, QuantRecipe, recipe_from_dict
+from .quant.recipe import RECIPES_DIR, SETTINGS, TENSORRT_SETTINGS, QuantRecipe, recipe_from_dict
 from .validate.report import ValidationReport
 
 Log = Callable[[str], None]
@@ -129,12 +129,19 @@ def _check_trt(bundles: dict[str, Path], out: Path, result: RunResult, stage: _T
     for setting, bundle in bundles.items():
         if setting == "fp":
             continue
+        if setting not in TENSORRT_SETTINGS:  # its rules would only say so; it is not gated on them
+            result.skipped.append(f"check-trt {setting}: skipped: {_not_trt(setting)}")
+            continue
         report = stage(f"check-trt {setting}", lambda b=bundle: check_path(b))
         report.write_json(out / "check-trt" / f"{setting}.json")
         result.check_trt[setting] = report.ok
         if not report.ok:
             log(f"check-trt {setting}: {len(report.violations)} violations of {report.rules_broken()} "
                 f"(see {out / 'check-trt' / f'{setting}.json'})")
+
+
+def _not_trt(setting: str) -> str:
+    return f"{setting} is not a TensorRT format; it runs on {SETTINGS[setting][4]}"
 
 
 def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result: RunResult, stage: _Timer) -> None:
@@ -157,6 +164,9 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
     export_config = export_config_from_dict({**config.export, "dtype": profile.graph_dtype}, "run config: export")
     cache = Path(config.build.timing_cache) if config.build.timing_cache else None
     for setting, state in states.items():
+        if setting not in TENSORRT_SETTINGS:
+            result.skipped.append(f"tensorrt engines for {setting}: skipped: {_not_trt(setting)}")
+            continue
         bundle = stage(f"export {setting} {profile.graph_dtype}", lambda s=setting, st=state: export_bundle(
             config.model, st, out / "bundles" / f"{s}-{profile.graph_dtype}", config=export_config))
         result.engines[setting] = str(stage(f"build {setting} ({profile.name})", lambda s=setting, b=bundle: build_engines(
@@ -167,8 +177,11 @@ def _validate(config: RunConfig, out: Path, bundles: dict[str, Path], states: di
               stage: _Timer, log: Log, progress: bool) -> ValidationReport:
     from .validate.api import CandidateSpec, validate
 
-    skipped = tuple(line for line in result.skipped if line.startswith("tensorrt"))
-    candidates = [CandidateSpec(bundle=bundles[s], quant=states[s], name=s, skipped=skipped,
+    def skipped(setting: str) -> tuple[str, ...]:
+        return tuple(line for line in result.skipped if line.startswith(
+            ("tensorrt engines:", f"tensorrt engines for {setting}:", f"check-trt {setting}:")))
+
+    candidates = [CandidateSpec(bundle=bundles[s], quant=states[s], name=s, skipped=skipped(s),
                                 engines=Path(result.engines[s]) if s in result.engines else None)
                   for s in config.quantize.settings]
     return stage("validate", lambda: validate(bundles["fp"], candidates, out / "report", config.validate,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from qvlm_export import pipeline
 from qvlm_export.cli.run_cmd import cli_overrides
 from qvlm_export.errors import QvlmError
-from qvlm_export.pipeline import resolve_recipe
+from qvlm_export.pipeline import RunResult, resolve_recipe
 from qvlm_export.pipeline_config import RunConfig, load_run_config, run_config_from_dict
 
 
@@ -39,6 +40,8 @@ def test_file_then_options_then_set(tmp_path):
     ({"validate": {"runners": ["turbo"]}}, "runners must be a non-empty subset"),
     ({"validate": {"eval_samplez": 3}}, "unknown key 'eval_samplez'"),
     ({"export": [1]}, "export must be a mapping"),
+    ({"quantize": {"settings": ["w8a8", "w4a4"]}}, "w4a4 is simulated only and cannot be exported"),
+    ({"quantize": {"settings": ["w4a8"]}, "build": {"engines": "required"}}, "w4a8 is not a TensorRT format"),
 ])
 def test_bad_config_is_one_actionable_line(raw, match):
     with pytest.raises(QvlmError, match=match) as info:
@@ -53,3 +56,20 @@ def test_bad_set_and_bad_recipe_override(tmp_path):
         load_run_config(tmp_path / "nope.yaml")
     with pytest.raises(QvlmError, match="unknown key 'bitz'"):
         resolve_recipe("qvlm", "w8a8", {"weights": {"bitz": 4}})
+
+
+def test_onnx_runtime_settings_are_not_gated_on_tensorrt(tmp_path, monkeypatch):
+    """W4A8 / W3A16 run on ONNX Runtime: check-trt and the engine build skip them with the reason, so a
+    mixed run is judged on what each setting targets (before, check-trt's w4a8-not-trt failed the run)."""
+    result = RunResult(out=tmp_path)
+    stage = pipeline._Timer(result, lambda _: None)
+    pipeline._check_trt({"fp": tmp_path, "w4a8": tmp_path, "w3a16": tmp_path}, tmp_path, result, stage, lambda _: None)
+    assert result.check_trt == {} and not (tmp_path / "check-trt").exists()
+    monkeypatch.setattr(pipeline, "tensorrt_unavailable", lambda: None)  # as on a GPU machine with tensorrt
+    config = run_config_from_dict({"quantize": {"settings": ["w4a8"]}})
+    pipeline._build_engines(config, tmp_path, {"w4a8": tmp_path / "q"}, result, stage)
+    assert result.engines == {} and result.seconds == {}
+    assert result.skipped == [
+        "check-trt w4a8: skipped: w4a8 is not a TensorRT format; it runs on ONNX Runtime (exact QDQ)",
+        "check-trt w3a16: skipped: w3a16 is not a TensorRT format; it runs on ONNX Runtime (exact QDQ)",
+        "tensorrt engines for w4a8: skipped: w4a8 is not a TensorRT format; it runs on ONNX Runtime (exact QDQ)"]

@@ -31,11 +31,13 @@ METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm")
 SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {
     "w8a8": (8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
     "w4a16": (4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
-    "w4a8": (4, "group", 8, True, "ONNX Runtime (exact QDQ; not a TensorRT format)"),
+    "w4a8": (4, "group", 8, True, "ONNX Runtime (exact QDQ)"),
     "w3a16": (3, "group", None, True, "ONNX Runtime (exact QDQ)"),
     "w6a6": (6, "channel", 6, False, "simulated (fake-quant) only"),
     "w4a4": (4, "channel", 4, False, "simulated (fake-quant) only"),
 }
+# The settings TensorRT builds; W4A8 and W3A16 are ONNX Runtime formats (DESIGN.md section 4).
+TENSORRT_SETTINGS = ("w8a8", "w4a16")
 
 
 @dataclass(frozen=True)
