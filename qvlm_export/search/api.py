@@ -99,11 +99,15 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     state.extras["search_seconds"] = round(seconds, 3)
     state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
     state = state_to_cpu(state)
+    import torch
+
     config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
     inputs = {"model": digest(hash_tree(vlm.path)), "calibration": samples_digest(samples)}
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
                                            extra={"setting": rec.setting, "deployable": rec.deployable,
-                                                  "runs_on": rec.runs_on}))
+                                                  "runs_on": rec.runs_on,
+                                                  # float reductions, hence searched codes, depend on it
+                                                  "torch_threads": torch.get_num_threads()}))
     return Path(out)
