@@ -31,6 +31,7 @@ from typing import Any
 from .errors import QvlmError, reject_unknown_keys
 from .quant.recipe import SETTINGS, TENSORRT_SETTINGS
 from .validate.config import ValidateConfig, validate_config_from_dict
+from .yaml_files import parse_yaml
 
 RUN_CONFIG_VERSION = 1
 ENGINE_MODES = ("auto", "off", "required")
@@ -135,18 +136,13 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file, then ``--set`` overrides."""
-    import yaml
-
     raw: dict[str, Any] = {}
     source = "run config"
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise QvlmError(f"run config {str(p)!r} does not exist; pass a YAML file (see 'qvlm-export run --help')")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise QvlmError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raw = parse_yaml(p.read_text(), str(p)) or {}
         if not isinstance(raw, dict):
             raise QvlmError(f"{p}: a run config must be a YAML mapping")
         source = str(p)

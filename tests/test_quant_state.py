@@ -16,7 +16,7 @@ from qvlm_export.quant.calibrate import SequentialCalibrator
 from qvlm_export.quant.modules import apply_quant_state
 from qvlm_export.quant.recipe import load_recipe, recipe_from_dict
 from qvlm_export.quant.simulate import load_simulated
-from qvlm_export.quant.state import load_state
+from qvlm_export.quant.state import STATE_FORMAT, load_state
 from qvlm_export.search.api import quantize, state_to_cpu
 from qvlm_export.search.registry import get_method
 
@@ -109,4 +109,17 @@ def test_failed_quantize_leaves_no_artifact(tmp_path, tiny_model_dir, monkeypatc
 
 def test_load_state_rejects_a_non_state_directory(tmp_path):
     with pytest.raises(QvlmError, match="quant.safetensors is missing"):
+        load_state(tmp_path)
+
+
+def test_corrupt_state_files_are_one_line_errors(tmp_path):
+    for name in ("quant.safetensors", "recipe.yaml", "state.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(QvlmError, match=r"state.json is not valid JSON") as info:
+        load_state(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "state.json").write_text(json.dumps({"format": STATE_FORMAT}))
+    (tmp_path / "recipe.yaml").write_text("method: [unclosed")
+    with pytest.raises(QvlmError, match=r"recipe.yaml: not valid YAML"):
         load_state(tmp_path)

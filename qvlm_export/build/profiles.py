@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QvlmError, reject_unknown_keys
+from ..yaml_files import named_yaml, parse_yaml
 
 PROFILE_VERSION = 1
 # Package data, so an installed wheel has them; the repo's engines/ links here.
@@ -131,15 +132,5 @@ def builtin_profiles() -> list[str]:
 
 def load_profile(spec: str | Path) -> BuildProfile:
     """A profile from a YAML path or a built-in name (``edge``, ``server``)."""
-    import yaml
-
-    path = Path(spec)
-    if not path.exists() and not str(spec).endswith((".yaml", ".yml")):
-        path = PROFILES_DIR / f"{spec}.yaml"
-    if not path.is_file():
-        raise QvlmError(f"build profile {str(spec)!r} not found; pass a YAML path or one of {builtin_profiles()}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise QvlmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return profile_from_dict(raw, source=str(path))
+    path = named_yaml(spec, PROFILES_DIR, "build profile")
+    return profile_from_dict(parse_yaml(path.read_text(), str(path)), source=str(path))

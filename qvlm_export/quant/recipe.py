@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QvlmError, reject_unknown_keys
+from ..yaml_files import named_yaml, parse_yaml
 
 RECIPE_VERSION = 1
 # Package data, so an installed wheel has them; the repo's calibration/recipes links here.
@@ -138,16 +139,5 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
 
 def load_recipe(spec: str | Path) -> QuantRecipe:
     """A recipe from a YAML path or a built-in name such as ``rtn-w8a8``."""
-    import yaml
-
-    path = Path(spec)
-    if not path.exists() and not str(spec).endswith((".yaml", ".yml")):
-        path = RECIPES_DIR / f"{spec}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-        raise QvlmError(f"recipe {str(spec)!r} not found; pass a YAML path or one of {known}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise QvlmError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return recipe_from_dict(raw, source=str(path))
+    path = named_yaml(spec, RECIPES_DIR, "recipe")
+    return recipe_from_dict(parse_yaml(path.read_text(), str(path)), source=str(path))

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import QvlmError
+from ..yaml_files import parse_yaml
 from . import functional as F
 from .recipe import QuantRecipe, recipe_from_dict
 
@@ -101,17 +102,20 @@ class QuantState:
 
 def load_state(state_dir: Path) -> QuantState:
     """Read a quant-state directory written by :meth:`QuantState.save`."""
-    import yaml
     from safetensors.torch import load_file
 
     state_dir = Path(state_dir)
     for required in ("quant.safetensors", "recipe.yaml", "state.json"):
         if not (state_dir / required).is_file():
             raise QvlmError(f"{str(state_dir)!r} is not a quant state: {required} is missing (write one with 'qvlm-export quantize')")
-    meta = json.loads((state_dir / "state.json").read_text())
+    try:
+        meta = json.loads((state_dir / "state.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise QvlmError(f"{state_dir / 'state.json'} is not valid JSON ({exc.msg}); re-run 'qvlm-export quantize'") from None
     if meta.get("format") != STATE_FORMAT:
         raise QvlmError(f"{state_dir}: quant-state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
-    recipe = recipe_from_dict(yaml.safe_load((state_dir / "recipe.yaml").read_text()), source=str(state_dir / "recipe.yaml"))
+    recipe_file = state_dir / "recipe.yaml"
+    recipe = recipe_from_dict(parse_yaml(recipe_file.read_text(), str(recipe_file)), source=str(recipe_file))
     tensors = load_file(str(state_dir / "quant.safetensors"))
     layers = {}
     for name, m in meta["layers"].items():

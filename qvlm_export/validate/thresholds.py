@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QvlmError
+from ..yaml_files import parse_yaml
 from .stats import LOWER_BOUNDED, STAT_NAMES, ErrorStats
 
 THRESHOLDS_VERSION = 1
@@ -179,8 +180,6 @@ def thresholds_from_dict(raw: Any, source: str = "thresholds") -> ThresholdConfi
 
 def load_thresholds(path: str | Path | None = None) -> ThresholdConfig:
     """The thresholds in ``path``, or the packaged defaults."""
-    import yaml
-
     if path is None:
         text = resources.files("qvlm_export").joinpath("configs/thresholds.yaml").read_text()
         source = "builtin thresholds.yaml"
@@ -189,8 +188,4 @@ def load_thresholds(path: str | Path | None = None) -> ThresholdConfig:
         if not p.is_file():
             raise QvlmError(f"thresholds file {str(p)!r} does not exist; pass a YAML file or omit --thresholds")
         text, source = p.read_text(), str(p)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise QvlmError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return thresholds_from_dict(raw, source=source)
+    return thresholds_from_dict(parse_yaml(text, source), source=source)
