@@ -164,3 +164,23 @@ def test_cli_generate_and_eval_on_a_bundle(tmp_path, capsys):
     assert json.loads(out.read_text())["overall"] == direct.overall
     assert main(["generate", "--bundle", str(bundle), "--image", str(tmp_path / "none.png"), "--question", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_int4_accuracy_level_reaches_the_fast_session_and_removes_its_drift():
+    """ORT's default MatMulNBits level (4) quantizes W4A16 activations to int8 on the fly; level 1
+    computes in fp32, so fast mode should then agree with faithful to float rounding."""
+    fast = session_options("fast", threads=1, int4_accuracy=1)
+    assert fast.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "1"
+    faithful = session_options("faithful", threads=1, int4_accuracy=1)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # faithful fuses nothing
+        faithful.get_session_config_entry("session.qdq_matmulnbits_accuracy_level")
+    with pytest.raises(QvlmError, match="int4 accuracy level must be one of"):
+        session_options("fast", int4_accuracy=7)
+    bundle, samples = H.bundle("w4a16"), load_dataset("builtin:eval:4")
+    logits = {}
+    for key, mode, level in (("faithful", "faithful", None), ("fast", "fast", None), ("fast-fp32", "fast", 1)):
+        answerer, _ = answerer_for_bundle(bundle, mode=mode, threads=1, int4_accuracy=level)
+        with answerer:
+            logits[key] = answerer.generate([s.image for s in samples], [s.question for s in samples]).first_logits
+    drift = {k: float(np.abs(logits[k] - logits["faithful"]).max()) for k in ("fast", "fast-fp32")}
+    assert drift["fast-fp32"] < 1e-3 * float(np.ptp(logits["faithful"])) and drift["fast-fp32"] < 0.1 * drift["fast"], drift

@@ -6,6 +6,8 @@ with the simulated PyTorch model and with both ORT session modes. Reported per m
 accuracy, its delta to PyTorch, the share of answers identical to PyTorch's, and the max
 absolute error of the first-answer-token logits (centred per sample, as
 ``evaluate/logits.py`` defines them) against PyTorch, also as a fraction of the logit range.
+Weight-only settings add ``fast`` with ``int4_accuracy=1`` (MatMulNBits in fp32 instead of
+ORT's default int8 activations).
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_ort_modes.py --samples 100 --json bench_ort_modes.json
 """
@@ -32,10 +34,11 @@ def torch_reference(state_dir: Path, samples, batch_size: int) -> tuple[list[str
     return answers, next_token_logits(vlm, samples, batch_size).numpy()
 
 
-def ort_mode(bundle: Path, mode: str, samples, batch_size: int, threads: int) -> tuple[list[str], np.ndarray, float]:
+def ort_mode(bundle: Path, mode: str, samples, batch_size: int, threads: int,
+             int4_accuracy: int | None = None) -> tuple[list[str], np.ndarray, float]:
     from qvlm_export.runtime.factory import answerer_for_bundle
 
-    answerer, _ = answerer_for_bundle(bundle, mode=mode, threads=threads)
+    answerer, _ = answerer_for_bundle(bundle, mode=mode, threads=threads, int4_accuracy=int4_accuracy)
     answers, logits = [], []
     start_time = time.perf_counter()
     with answerer:
@@ -61,11 +64,14 @@ def bench_setting(setting: str, args, samples, work: Path) -> list[dict]:
     span = float(np.ptp(ref_logits))
     rows = [{"setting": setting, "runner": "torch-simulated", "accuracy": ref_acc, "delta_accuracy": 0.0,
              "same_answers": 1.0, "max_logit_error": 0.0, "relative_logit_error": 0.0, "ms_per_sample": None}]
-    for mode in ("faithful", "fast"):
-        answers, logits, ms = ort_mode(bundle, mode, samples, args.batch_size, args.threads)
+    variants = [("faithful", None, "faithful"), ("fast", None, "fast")]
+    if setting.endswith("a16"):  # int4 MatMulNBits: also its fp32 accuracy level
+        variants.append(("fast", 1, "fast-int4fp32"))
+    for mode, int4_accuracy, label in variants:
+        answers, logits, ms = ort_mode(bundle, mode, samples, args.batch_size, args.threads, int4_accuracy)
         error = float(np.abs(logits - ref_logits).max())
         acc = score(samples, answers).overall
-        rows.append({"setting": setting, "runner": f"onnxruntime-{mode}", "accuracy": acc,
+        rows.append({"setting": setting, "runner": f"onnxruntime-{label}", "accuracy": acc,
                      "delta_accuracy": acc - ref_acc,
                      "same_answers": float(np.mean([a == b for a, b in zip(answers, ref_answers)])),
                      "max_logit_error": error, "relative_logit_error": error / span, "ms_per_sample": ms})

@@ -17,6 +17,8 @@ def eval_command(
     bundle: Annotated[str | None, typer.Option(help="ONNX bundle directory: evaluate on ONNX Runtime")] = None,
     engines: Annotated[str | None, typer.Option(help="TensorRT engine directory")] = None,
     mode: Annotated[str, typer.Option(help="ONNX Runtime session mode for --bundle: faithful | fast")] = "faithful",
+    int4_accuracy_level: Annotated[int | None, typer.Option(
+        help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="write {overall, by_type, n} here")] = None,
@@ -30,7 +32,8 @@ def eval_command(
     from ..evaluate.backends import make_answerer
 
     samples = load_dataset(data, limit=limit)
-    answerer, info = make_answerer(model=model, quant=quant, bundle=bundle, engines=engines, mode=mode)
+    answerer, info = make_answerer(model=model, quant=quant, bundle=bundle, engines=engines, mode=mode,
+                                   int4_accuracy=int4_accuracy_level)
     result = evaluate(answerer, samples, batch_size=batch_size)
     table = Table(title=f"accuracy ({info.get('backend', '?')}, setting {info.get('setting', 'fp')})")
     table.add_column("question type")

@@ -27,6 +27,8 @@ def validate_command(
     task: Annotated[bool, typer.Option(help="run task-level parity (greedy answers on the eval set)")] = True,
     layer_errors: Annotated[bool, typer.Option(help="measure per-layer hidden-state error when --quant is given")] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
+    int4_accuracy_level: Annotated[int | None, typer.Option(
+        help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
     reuse_reference: Annotated[str | None, typer.Option(help="polygraphy/ folder of an earlier report: skip the reference run")] = None,
 ) -> None:
     """Exit 0 when every threshold holds, 1 naming each failing graph/output/statistic/threshold, 2 on bad input."""
@@ -39,7 +41,8 @@ def validate_command(
     config = validate_config_from_dict({
         "calib": calib, "calib_samples": calib_samples, "batch_size": batch_size, "decode_steps": decode_steps,
         "eval_data": data, "eval_samples": eval_samples, "runners": runners, "task": task,
-        "layer_errors": layer_errors, "thresholds": thresholds, "threads": threads}, source="validate")
+        "layer_errors": layer_errors, "thresholds": thresholds, "threads": threads,
+        "int4_accuracy_level": int4_accuracy_level}, source="validate")
     skipped = () if engines else ("tensorrt: skipped: no --engines given",)
     spec = CandidateSpec(bundle=Path(candidate), engines=Path(engines) if engines else None,
                          quant=Path(quant) if quant else None, skipped=skipped)

@@ -9,7 +9,8 @@ from .accuracy import Answerer
 
 
 def make_answerer(model: str | None = None, quant: str | None = None, bundle: str | None = None,
-                  engines: str | None = None, mode: str = "faithful") -> tuple[Answerer, dict]:
+                  engines: str | None = None, mode: str = "faithful",
+                  int4_accuracy: int | None = None) -> tuple[Answerer, dict]:
     """An answerer plus a description of what it runs (for reports)."""
     if sum(x is not None for x in (quant, bundle, engines)) > 1:
         raise QvlmError("pass at most one of --quant, --bundle and --engines")
@@ -20,7 +21,7 @@ def make_answerer(model: str | None = None, quant: str | None = None, bundle: st
     if bundle is not None:
         from ..runtime.factory import answerer_for_bundle
 
-        return answerer_for_bundle(Path(bundle), mode=mode)
+        return answerer_for_bundle(Path(bundle), mode=mode, int4_accuracy=int4_accuracy)
     if quant is not None:
         from ..quant.simulate import load_simulated
 

@@ -22,10 +22,10 @@ def _describe(info, backend: str, **extra: Any) -> dict[str, Any]:
 
 
 def answerer_for_bundle(bundle: Path, mode: str = "faithful", threads: int | None = None,
-                        max_new_tokens: int = 8) -> tuple[RunnerAnswerer, dict[str, Any]]:
+                        max_new_tokens: int = 8, int4_accuracy: int | None = None) -> tuple[RunnerAnswerer, dict[str, Any]]:
     """Greedy answers from an ONNX bundle on ONNX Runtime (``mode``: faithful | fast)."""
     info = read_bundle(Path(bundle))
-    runner = ort_runner(info, mode=mode, threads=threads)
+    runner = ort_runner(info, mode=mode, threads=threads, int4_accuracy=int4_accuracy)
     return RunnerAnswerer(runner, max_new_tokens=max_new_tokens), _describe(info, f"onnxruntime-{mode}", mode=mode)
 
 

@@ -8,6 +8,9 @@
     ORT's defaults: QDQ int8 groups fuse into integer kernels (MatMulIntegerToFloat /
     QLinearMatMul) and blocked int4 DQ + MatMul into MatMulNBits. Faster, and it may drift
     (DESIGN section 7), which validation reports separately from graph errors.
+    ``int4_accuracy`` sets how the fused MatMulNBits computes (ORT's
+    ``session.qdq_matmulnbits_accuracy_level``: 1 fp32, 2 fp16, 3 bf16, 4 int8 activations;
+    ORT's default is 4, which quantizes the activations of W4A16 layers on the fly).
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from .bundle import GRAPHS, BundleInfo, read_bundle
 from .runner import GraphSetRunner
 
 SESSION_MODES = ("faithful", "fast")
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
-def session_options(mode: str, threads: int | None = None):
-    """``onnxruntime.SessionOptions`` for a mode; ``threads`` caps intra-op threads (None: ORT's default)."""
+def session_options(mode: str, threads: int | None = None, int4_accuracy: int | None = None):
+    """``onnxruntime.SessionOptions`` for a mode; ``threads`` caps intra-op threads (None: ORT's default),
+    ``int4_accuracy`` is the fused MatMulNBits accuracy level of ``fast`` (None: ORT's default)."""
     import onnxruntime as ort
 
     if mode not in SESSION_MODES:
         raise QvlmError(f"ONNX Runtime session mode must be one of {list(SESSION_MODES)}, got {mode!r}")
+    if int4_accuracy is not None and int4_accuracy not in INT4_ACCURACY_LEVELS:
+        raise QvlmError(f"int4 accuracy level must be one of {list(INT4_ACCURACY_LEVELS)} "
+                        f"(1 fp32, 2 fp16, 3 bf16, 4 int8), got {int4_accuracy!r}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -38,14 +46,17 @@ def session_options(mode: str, threads: int | None = None):
         options.inter_op_num_threads = 1
     if mode == "faithful":
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    elif int4_accuracy is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int4_accuracy))
     return options
 
 
-def make_session(path: Path, mode: str, threads: int | None = None):
+def make_session(path: Path, mode: str, threads: int | None = None, int4_accuracy: int | None = None):
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), session_options(mode, threads), providers=["CPUExecutionProvider"])
+        options = session_options(mode, threads, int4_accuracy)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types per failure
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QvlmError(f"ONNX Runtime cannot load {path.name}: {first[:300]}") from None
@@ -54,16 +65,18 @@ def make_session(path: Path, mode: str, threads: int | None = None):
 class OrtGraphSet:
     """The bundle's graphs as ORT sessions keyed by graph name (a :class:`~.runner.GraphSet`)."""
 
-    def __init__(self, info: BundleInfo, mode: str = "faithful", threads: int | None = None):
-        session_options(mode)  # validate the mode now, not at activation
+    def __init__(self, info: BundleInfo, mode: str = "faithful", threads: int | None = None,
+                 int4_accuracy: int | None = None):
+        session_options(mode, int4_accuracy=int4_accuracy)  # validate the options now, not at activation
         self.info = info
         self.mode = mode
         self.threads = threads
+        self.int4_accuracy = int4_accuracy
         self.sessions: dict[str, Any] = {}
 
     def activate(self) -> OrtGraphSet:
         for graph in GRAPHS:
-            self.sessions[graph] = make_session(self.info.graph_path(graph), self.mode, self.threads)
+            self.sessions[graph] = make_session(self.info.graph_path(graph), self.mode, self.threads, self.int4_accuracy)
         return self
 
     def deactivate(self) -> None:
@@ -77,7 +90,8 @@ class OrtGraphSet:
         return dict(zip(names, session.run(names, feeds)))
 
 
-def ort_runner(bundle: str | Path | BundleInfo, mode: str = "faithful", threads: int | None = None) -> GraphSetRunner:
+def ort_runner(bundle: str | Path | BundleInfo, mode: str = "faithful", threads: int | None = None,
+               int4_accuracy: int | None = None) -> GraphSetRunner:
     """A :class:`~.runner.VLMRunner` on ONNX Runtime (CPU) over an exported bundle; activate before use."""
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(Path(bundle))
-    return GraphSetRunner(OrtGraphSet(info, mode, threads), info, name=f"onnxruntime-{mode}")
+    return GraphSetRunner(OrtGraphSet(info, mode, threads, int4_accuracy), info, name=f"onnxruntime-{mode}")

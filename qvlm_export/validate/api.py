@@ -63,7 +63,8 @@ def _graph_runners(info: BundleInfo, spec: CandidateSpec, graph: str, config: Va
                    reference: BundleInfo) -> dict[str, Any]:
     from .runners import ort_graph_runner, trt_graph_runner
 
-    runners = {mode: ort_graph_runner(info, graph, mode, config.threads) for mode in config.runners}
+    runners = {mode: ort_graph_runner(info, graph, mode, config.threads, config.int4_accuracy_level)
+               for mode in config.runners}
     if spec.engines is not None:
         runners["tensorrt"] = trt_graph_runner(spec.engines, graph, reference.float_dtype)
     return runners
@@ -75,7 +76,8 @@ def _task(reference: Reference, info: BundleInfo, spec: CandidateSpec, config: V
     from ..runtime.factory import answerer_for_bundle, answerer_for_engines
 
     results = []
-    answerers = [(mode, lambda mode=mode: answerer_for_bundle(info.path, mode=mode, threads=config.threads)[0])
+    answerers = [(mode, lambda mode=mode: answerer_for_bundle(info.path, mode=mode, threads=config.threads,
+                                                              int4_accuracy=config.int4_accuracy_level)[0])
                  for mode in config.runners]
     if spec.engines is not None:
         answerers.append(("tensorrt", lambda: answerer_for_engines(spec.engines)[0]))

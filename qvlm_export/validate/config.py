@@ -28,6 +28,8 @@ class ValidateConfig:
         layer_errors: measure per-layer hidden-state error when the candidate's quant state is known.
         thresholds: thresholds YAML path (None: the packaged ``configs/thresholds.yaml``).
         threads: ONNX Runtime intra-op threads (None: ORT's default).
+        int4_accuracy_level: how ``fast`` computes int4 MatMulNBits (1 fp32 ... 4 int8 activations;
+            None: ORT's default, 4). The thresholds' ``fast``/``drift`` bounds were measured at 4.
     """
 
     calib: str = "builtin:calib"
@@ -41,6 +43,7 @@ class ValidateConfig:
     layer_errors: bool = True
     thresholds: str | None = None
     threads: int | None = None
+    int4_accuracy_level: int | None = None
     version: int = VALIDATE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -54,6 +57,9 @@ class ValidateConfig:
         unknown = [r for r in self.runners if r not in ORT_RUNNERS]
         if unknown or not self.runners:
             raise QvlmError(f"validate: runners must be a non-empty subset of {list(ORT_RUNNERS)}, got {list(self.runners)}")
+        if self.int4_accuracy_level is not None and self.int4_accuracy_level not in range(5):
+            raise QvlmError(f"validate: int4_accuracy_level must be 0-4 (1 fp32, 2 fp16, 3 bf16, 4 int8) or null, "
+                            f"got {self.int4_accuracy_level}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

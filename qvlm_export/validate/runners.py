@@ -11,14 +11,15 @@ import numpy as np
 from ..runtime.bundle import BundleInfo
 
 
-def ort_graph_runner(info: BundleInfo, graph: str, mode: str, threads: int | None = None):
+def ort_graph_runner(info: BundleInfo, graph: str, mode: str, threads: int | None = None,
+                     int4_accuracy: int | None = None):
     """A Polygraphy ``OnnxrtRunner`` over one graph of a bundle in a runtime session mode (faithful | fast)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from ..runtime.ort_runner import make_session
 
     path = info.graph_path(graph)
-    return OnnxrtRunner(lambda: make_session(path, mode, threads), name=mode)
+    return OnnxrtRunner(lambda: make_session(path, mode, threads, int4_accuracy), name=mode)
 
 
 def cast_runner(inner: Any, dtype: np.dtype):
