@@ -26,6 +26,22 @@ def embedded_model_dir():
 
 
 @pytest.fixture(scope="session")
+def tiny_w8a8_thresholds(tmp_path_factory):
+    """A thresholds YAML for the 1+1-layer random models of ``tiny_bundle`` (the packaged bounds are the
+    embedded model's). Measured there: faithful >= 30 dB, fast >= 15 dB, a x4 weight scale ~9 dB."""
+    path = tmp_path_factory.mktemp("thresholds") / "thresholds.yaml"
+    path.write_text("""version: 1
+precisions:
+  w8a8:
+    faithful: {default: {cosine: 0.999, sqnr_db: 25, nonfinite: 0}}
+    fast: {default: {cosine: 0.97, sqnr_db: 12, nonfinite: 0}}
+    drift: {default: {sqnr_db: 12}}
+    task: {max_accuracy_drop: 0.1, min_identical_answers: 0.25}
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
     """``tiny_bundle(setting, dtype)``: an exported ONNX bundle of a 1+1-layer random model, RTN-quantized.
 

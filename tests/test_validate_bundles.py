@@ -17,16 +17,6 @@ from onnx import numpy_helper
 from qvlm_export.cli import main
 
 BROKEN_SCALE = "model.language_model.layers.0.mlp.down_proj.weight_scale"
-# Bounds for a 1+1-layer random model (measured: faithful >= 30 dB, fast >= 15 dB, broken decoder ~9 dB).
-THRESHOLDS = """
-version: 1
-precisions:
-  w8a8:
-    faithful: {default: {cosine: 0.999, sqnr_db: 25, nonfinite: 0}}
-    fast: {default: {cosine: 0.97, sqnr_db: 12, nonfinite: 0}}
-    drift: {default: {sqnr_db: 12}}
-    task: {max_accuracy_drop: 0.1, min_identical_answers: 0.25}
-"""
 ARGS = ["--calib-samples", "4", "--eval-samples", "16", "--threads", "1"]
 
 
@@ -36,7 +26,7 @@ def _validate(reference: Path, candidate: Path, out: Path, thresholds: Path, *ex
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_bundle, tmp_path_factory):
+def bundles(tiny_bundle, tmp_path_factory, tiny_w8a8_thresholds):
     root = tmp_path_factory.mktemp("validate")
     fp, w8a8 = Path(tiny_bundle("fp")), Path(tiny_bundle("w8a8"))
     broken = root / "broken"
@@ -46,10 +36,8 @@ def bundles(tiny_bundle, tmp_path_factory):
     assert len(hits) == 1
     hits[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hits[0]) * 4, BROKEN_SCALE))
     onnx.save(decoder, str(broken / "decoder.onnx"))
-    thresholds = root / "thresholds.yaml"
-    thresholds.write_text(THRESHOLDS)
     return {"fp": fp, "w8a8": w8a8, "quant": w8a8.parent / "quant-w8a8", "broken": broken,
-            "thresholds": thresholds, "root": root}
+            "thresholds": tiny_w8a8_thresholds, "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -14,29 +14,18 @@ import pytest
 from qvlm_export.cli import main
 from qvlm_export.manifest import sha256_file
 
-THRESHOLDS = """
-version: 1
-precisions:
-  w8a8:
-    faithful: {default: {cosine: 0.999, sqnr_db: 25, nonfinite: 0}}
-    fast: {default: {cosine: 0.97, sqnr_db: 12, nonfinite: 0}}
-    drift: {default: {sqnr_db: 12}}
-    task: {max_accuracy_drop: 0.1, min_identical_answers: 0.25}
-"""
-
 
 @pytest.mark.slow
-def test_run_writes_every_stage_and_ends_with_table_and_report_path(tmp_path, capsys):
+def test_run_writes_every_stage_and_ends_with_table_and_report_path(tmp_path, capsys, tiny_w8a8_thresholds):
     from qvlm_export.load.tiny import save_tiny_random_model
 
     model = save_tiny_random_model(tmp_path / "model", vision_layers=1, text_layers=1, hidden=32, heads=2)
-    (tmp_path / "thresholds.yaml").write_text(THRESHOLDS)
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {model}\nquantize: {{method: rtn, recipe: {{calibration: {{samples: 4, batch_size: 4}}}}}}\n"
                       "validate: {calib_samples: 4, eval_samples: 8, threads: 1}\n")
     out = tmp_path / "run"
     code = main(["run", "--config", str(config), "--settings", "w8a8", "--out", str(out), "--no-progress",
-                 "--set", f"validate.thresholds={tmp_path / 'thresholds.yaml'}"])
+                 "--set", f"validate.thresholds={tiny_w8a8_thresholds}"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout[-3000:]
     for artifact in ("quant/w8a8", "bundles/fp", "bundles/w8a8", "report"):
