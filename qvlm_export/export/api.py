@@ -186,6 +186,9 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
         inputs = {"model": digest(hash_tree(vlm.path))}
         if quant is not None:
             inputs["quant"] = info.quant["state_sha256"]
+        # Where the bundle came from: validate rebuilds the quant state's simulated model from these to
+        # check the graphs compute what the state says (the hashes in `inputs` guard against a changed state).
+        sources = {"model": str(Path(vlm.path).resolve()), "quant": None if quant is None else str(Path(quant).resolve())}
         write_manifest(tmp, build_manifest(BUNDLE_KIND, {"export": config.to_dict()}, inputs, tmp,
-                                           extra={"setting": info.setting, "dtype": config.dtype}))
+                                           extra={"setting": info.setting, "dtype": config.dtype, "sources": sources}))
     return Path(out)

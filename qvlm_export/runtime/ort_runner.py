@@ -87,7 +87,14 @@ class OrtGraphSet:
             raise QvlmError(f"ONNX Runtime graph set is not active (or has no {graph!r} graph); call activate()")
         session = self.sessions[graph]
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
+        try:
+            return dict(zip(names, session.run(names, feeds)))
+        except Exception as exc:  # ORT's pybind errors (InvalidArgument, Fail, ...): one line, not a traceback
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            first = " ".join(str(exc).split())
+            raise QvlmError(f"ONNX Runtime failed running the {graph} graph of {str(self.info.path)!r}: "
+                            f"{first[:300]}") from None
 
 
 def ort_runner(bundle: str | Path | BundleInfo, mode: str = "faithful", threads: int | None = None,

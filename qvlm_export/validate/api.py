@@ -19,9 +19,12 @@ from ..errors import QvlmError
 from ..manifest import atomic_directory, build_manifest, digest, hash_tree, write_manifest
 from ..runtime.bundle import GRAPHS, BundleInfo, read_bundle
 from .config import ValidateConfig
+from .derived import derive_thresholds, packaged_thresholds_apply, reference_model
+from .fidelity import SimulatedGraphs, compare_fidelity, resolve_source, with_fidelity
 from .parity import compare_graph
 from .reference import Reference, prepare_reference
 from .report import REPORT_KIND, CandidateResult, ValidationReport, write_report_files
+from .static_checks import metadata_matches, weights_match_state
 from .task import task_parity
 from .thresholds import ThresholdConfig, load_thresholds
 
@@ -81,15 +84,19 @@ def _task(reference: Reference, info: BundleInfo, spec: CandidateSpec, config: V
                  for mode in config.runners]
     if spec.engines is not None:
         answerers.append(("tensorrt", lambda: answerer_for_engines(spec.engines)[0]))
+    errors = []
     for runner, make in answerers:
         answerer = make()
         try:
             result = evaluate(answerer, samples, batch_size=config.batch_size, progress=progress,
                               description=f"eval {spec.name} {runner}")
+        except QvlmError as exc:  # the reference answered these prompts: a candidate that cannot is broken
+            errors.append(f"{runner} runtime cannot answer the eval prompts: {exc}")
+            continue
         finally:
             answerer.close()
         results.append(task_parity(runner, ref_eval, result, thresholds.task_bounds(info.setting)))
-    return results
+    return results, errors
 
 
 def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | None:
@@ -116,17 +123,40 @@ def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleIn
     result = CandidateResult(name=name, bundle=str(spec.bundle), setting=info.setting,
                              deployable=bool(info.quant.get("deployable", True)), runs_on=str(info.quant.get("runs_on")),
                              method=info.quant.get("method"), skipped=list(spec.skipped))
+    fidelity = _export_checks(reference, spec, info, config, result, log)
     for graph in GRAPHS:
         runners = _graph_runners(info, spec, graph, config, reference.info)
         log(f"{name}: comparing {graph} ({', '.join(runners)} vs reference)")
-        result.graphs.append(compare_graph(graph, reference.results[graph], runners, reference.feeds[graph],
-                                           info.setting, thresholds))
+        parity = compare_graph(graph, reference.results[graph], runners, reference.feeds[graph], info.setting,
+                               thresholds)
+        result.graphs.append(with_fidelity(parity, fidelity.get(graph, ())))
     if config.task:
         log(f"{name}: task parity on {len(samples)} eval samples")
-        result.task = _task(reference, info, spec, config, samples, ref_eval, thresholds, progress)
+        result.task, errors = _task(reference, info, spec, config, samples, ref_eval, thresholds, progress)
+        if errors:
+            result.export_checks["runtime"] = errors
     log(f"{name}: per-layer data")
     result.layers = _layers(spec, config)
     return result
+
+
+def _export_checks(reference: Reference, spec: CandidateSpec, info: BundleInfo, config: ValidateConfig,
+                   result: CandidateResult, log) -> dict[str, tuple]:
+    """Metadata and weights against their sources, then the graphs against the simulated model."""
+    from ..quant.state import load_state
+
+    checks: dict[str, Any] = {"metadata": metadata_matches(reference.info, info)}
+    source = resolve_source(spec.bundle, info, spec.quant)
+    if isinstance(source, str):
+        log(f"{result.name}: export fidelity not checked: {source}")
+        checks["fidelity"] = f"not checked: {source}"
+        result.export_checks = checks
+        return {}
+    log(f"{result.name}: export fidelity against the simulated model of {source.quant}")
+    checks["weights"] = weights_match_state(info, load_state(source.quant))
+    checks["fidelity"] = None
+    result.export_checks = checks
+    return compare_fidelity(info, SimulatedGraphs(source, config.threads), reference.feeds, config.threads)
 
 
 def _reference_eval(reference: Reference, config: ValidateConfig, progress: bool):
@@ -154,16 +184,26 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
     log = log or _quiet
     if not candidates:
         raise QvlmError("validate needs at least one --candidate bundle")
+    model_path, model_digest = reference_model(Path(reference))
+    derive = config.thresholds is None and not packaged_thresholds_apply(model_digest)
     thresholds = load_thresholds(config.thresholds)
     infos = [check_candidate(spec) for spec in candidates]
     for info in infos:
-        thresholds.bounds(info.setting, "faithful", "vision", "image_features")  # a missing section fails now
+        if not derive:
+            thresholds.bounds(info.setting, "faithful", "vision", "image_features")  # a missing section fails now
+    if derive and (model_path is None or not (model_path / "config.json").is_file()):
+        raise QvlmError(f"no thresholds for the model behind {str(reference)!r} and its model directory "
+                        f"({str(model_path)!r}) is not available to derive them from; pass --thresholds FILE "
+                        "or --reference MODEL_DIR")
     timings: dict[str, float] = {}
     with atomic_directory(Path(out)) as tmp, tempfile.TemporaryDirectory(prefix="qvlm-validate-") as scratch:
         start = time.perf_counter()
         reference = prepare_reference(reference, config, tmp / POLYGRAPHY_DIR, Path(scratch), log,
                                       None if reuse_reference is None else Path(reuse_reference))
         samples, ref_eval = (_reference_eval(reference, config, progress) if config.task else (None, None))
+        if derive:
+            thresholds = derive_thresholds(model_path, [i.setting for i in infos], reference, config, samples,
+                                           ref_eval, Path(scratch), thresholds, log)
         timings["reference"] = time.perf_counter() - start
         results = []
         for spec, info in zip(candidates, infos):

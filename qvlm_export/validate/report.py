@@ -19,7 +19,10 @@ from .thresholds import ThresholdConfig
 
 REPORT_KIND = "validation-report"
 REPORT_FORMAT = 1
-COMPARISON_ORDER = {"faithful": 0, "tensorrt": 1, "fast": 2, "drift": 3}
+COMPARISON_ORDER = {"fidelity": 0, "faithful": 1, "tensorrt": 2, "fast": 3, "drift": 4}
+# What a failure means, by comparison: the graph does not compute its quant state (export), the
+# quantization costs more than its bounds allow (quality), or the fast kernels drift (kernels).
+VERDICT_OF = {"fidelity": "export", "faithful": "quality", "tensorrt": "quality", "fast": "quality", "drift": "kernels"}
 
 
 @dataclass
@@ -36,21 +39,39 @@ class CandidateResult:
     task: list[TaskParity] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "tensorrt: skipped: ..." lines
     layers: dict[str, Any] | None = None  # per-layer entropy, partition and error (see .layers)
+    # Exact checks (see .static_checks): {"weights"|"metadata"|"runtime": [problem, ...]}; "fidelity": None when the
+    # simulated-model comparison ran, else why it could not.
+    export_checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def export_problems(self) -> list[str]:
+        return [f"export: {line}" for key in ("metadata", "weights", "runtime") for line in self.export_checks.get(key, [])]
 
     @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.graphs) and all(t.passed for t in self.task)
+        return (not self.export_problems and all(g.passed for g in self.graphs)
+                and all(t.passed for t in self.task))
+
+    def verdicts(self) -> dict[str, bool]:
+        """Pass/fail per question: does the graph compute its quant state, is the quantization good enough."""
+        failed = {VERDICT_OF.get(o.comparison, "quality") for g in self.graphs for o in g.outputs if not o.passed}
+        if any(not t.passed for t in self.task):
+            failed.add("quality")
+        if self.export_problems:
+            failed.add("export")
+        return {k: k not in failed for k in ("export", "quality", "kernels")}
 
     def failures(self) -> list[str]:
-        """Graph errors against the reference first (the graph is wrong), then kernel drift, then task."""
+        """Export faults first (the graph is wrong), then quality against FP, kernel drift, then task."""
         outputs = sorted((o for g in self.graphs for o in g.outputs), key=lambda o: COMPARISON_ORDER.get(o.comparison, 9))
-        lines = [line for o in outputs for line in o.failures()]
+        lines = list(self.export_problems) + [line for o in outputs for line in o.failures()]
         lines += [line for t in self.task for line in t.failures()]
         return [f"{self.name} [{self.setting}]: {line}" for line in lines]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "bundle": self.bundle, "setting": self.setting, "deployable": self.deployable,
                 "runs_on": self.runs_on, "method": self.method, "passed": self.passed, "skipped": self.skipped,
+                "verdicts": self.verdicts(), "export_checks": self.export_checks,
                 "graphs": [g.to_json() for g in self.graphs], "task": [t.to_json() for t in self.task],
                 "layers": self.layers}
 
