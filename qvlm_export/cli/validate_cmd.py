@@ -16,7 +16,7 @@ def validate_command(
     out: Annotated[str, typer.Option(help="report directory (report.json, report.html, polygraphy/, manifest.json)")],
     engines: Annotated[str | None, typer.Option(help="TensorRT engine directory of the candidate (`qvlm-export build`)")] = None,
     quant: Annotated[str | None, typer.Option(help="the candidate's quant state: adds per-layer error and Q-VLM plots")] = None,
-    thresholds: Annotated[str | None, typer.Option(help="thresholds YAML (default: packaged configs/thresholds.yaml)")] = None,
+    thresholds: Annotated[str | None, typer.Option(help="thresholds YAML (default: the packaged file for the embedded model, bounds derived from round-to-nearest on the same model for any other)")] = None,
     calib: Annotated[str, typer.Option(help="calibration data for graph parity")] = "builtin:calib",
     calib_samples: Annotated[int, typer.Option(min=1, help="calibration samples fed to the graphs")] = 8,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
