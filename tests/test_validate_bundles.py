@@ -111,14 +111,16 @@ def test_broken_weight_scale_exits_1_naming_the_graph(bundles, good_report, caps
 def test_bad_input_exits_2_with_one_line(bundles, good_report, capsys):
     root, t = bundles["root"], bundles["thresholds"]
     cases = [
-        (_validate(bundles["w8a8"], bundles["w8a8"], root / "r1", t), "is a quantized (w8a8) bundle"),
-        (_validate(bundles["fp"], root / "missing", root / "r2", t), "is not an ONNX bundle"),
-        (_validate(bundles["fp"], bundles["w8a8"], root / "r3", t, "--runners", "faithful,turbo"), "runners must be"),
-        (_validate(bundles["fp"], bundles["w8a8"], root / "r4", t, "--quant", str(bundles["fp"])), "hash differs"),
-        (_validate(bundles["fp"], bundles["w8a8"], root / "r5", t, "--calib-samples", "8",
-                   "--reuse-reference", str(good_report[1] / "polygraphy")), "different feed 'calib_samples'"),
+        ((bundles["w8a8"], bundles["w8a8"], root / "r1", t), "is a quantized (w8a8) bundle"),
+        ((bundles["fp"], root / "missing", root / "r2", t), "is not an ONNX bundle"),
+        ((bundles["fp"], bundles["w8a8"], root / "r3", t, "--runners", "faithful,turbo"), "runners must be"),
+        ((bundles["fp"], bundles["w8a8"], root / "r4", t, "--quant", str(bundles["fp"])), "hash differs"),
+        ((bundles["fp"], bundles["w8a8"], root / "r5", t, "--calib-samples", "8",
+          "--reuse-reference", str(good_report[1] / "polygraphy")), "different feed 'calib_samples'"),
     ]
-    err = capsys.readouterr().err
-    for code, message in cases:
-        assert code == 2 and message in err, (code, message, err)
+    for args, message in cases:  # each message checked against its own case's stderr
+        capsys.readouterr()
+        code = _validate(*args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (message, err)
     assert all(not (root / f"r{i}").exists() for i in range(1, 6))  # no half-written report

@@ -121,3 +121,38 @@ def test_fault_injection_rehashes_so_only_validation_can_tell(tmp_path):
 
     assert info.graphs["decoder"].sha256 == sha256_file(tmp_path / "b" / "decoder.onnx")
     assert info.graphs["decoder"].sha256 != read_bundle(H.bundle("w8a8")).graphs["decoder"].sha256
+
+
+def test_validate_engines_with_ort_standing_in_for_tensorrt(tiny_bundle, tiny_w8a8_thresholds, tmp_path, monkeypatch):
+    """validate --engines end to end without a GPU: the engine set's TensorRT deserialisation is replaced
+    by ONNX Runtime sessions of the fp16 bundle the engines were built from; everything else is real
+    (engine manifest, phase choice, the fp16 -> fp32 cast adapter, task parity over the engine runner)."""
+    from test_build_engines import H100, ort_backed_engine_set
+
+    from qvlm_export.build import trt_runner
+    from qvlm_export.build.builder import build_engines
+    from qvlm_export.build.profiles import BuildProfile
+
+    fp16 = tiny_bundle("w8a8", "fp16")
+    engines = build_engines(fp16, BuildProfile(name="t", max_batch=4, max_prompt=128, max_context=160),
+                            tmp_path / "engines", compiler=lambda spec, profile, cache: b"", environment=H100)
+    standin = type(ort_backed_engine_set(engines, fp16))  # made before the patch: it subclasses the real class
+    monkeypatch.setattr(trt_runner, "TrtEngineSet", lambda engine_dir, environment=None:
+                        standin(engine_dir, environment=H100))
+    config = ValidateConfig(calib_samples=4, eval_samples=8, layer_errors=False, threads=1,
+                            thresholds=str(tiny_w8a8_thresholds))
+    report = validate(tiny_bundle("fp"), [CandidateSpec(bundle=tiny_bundle("w8a8"), engines=engines)],
+                      tmp_path / "report", config, progress=False)
+    candidate = report.to_json()["candidates"][0]
+    trt = {(o["graph"], o["output"]): o for g in candidate["graphs"] for o in g["outputs"]
+           if o["comparison"] == "tensorrt"}
+    faithful = {(o["graph"], o["output"]): o for g in candidate["graphs"] for o in g["outputs"]
+                if o["comparison"] == "faithful"}
+    assert set(trt) == set(faithful) and ("decoder", "logits") in trt
+    # fp16 engines of the same QDQ graph: the quantization error plus fp16 rounding, never better than
+    # exact fp32 QDQ by more than rounding noise and within the thresholds' bounds.
+    for key, o in trt.items():
+        assert o["passed"], (key, o["stats"])
+    assert trt[("decoder", "logits")]["stats"]["sqnr_db"] < faithful[("decoder", "logits")]["stats"]["sqnr_db"] + 3
+    task = {t["runner"]: t for t in candidate["task"]}
+    assert set(task) == {"faithful", "fast", "tensorrt"} and task["tensorrt"]["n"] == 8
