@@ -75,7 +75,9 @@ def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
     write_bundle_json(BundleInfo(root, "fp16" if dtype == TensorProto.FLOAT16 else "fp32", 21, graphs, spec,
                                  {"setting": "w8a8"}), root)
     (root / "processor" / "tokenizer.json").write_text("{}")
-    (root / "manifest.json").write_text(json.dumps({"kind": "onnx-bundle"}))
+    from qvlm_export.manifest import build_manifest, write_manifest
+
+    write_manifest(root, build_manifest("onnx-bundle", {}, {}, root))
     return root
 
 

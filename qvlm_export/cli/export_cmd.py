@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 
 @app.command("export")
@@ -17,8 +17,10 @@ def export_command(
     quant: Annotated[str | None, typer.Option(help="quant-state directory (default: the FP reference bundle)")] = None,
     dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Export vision, embed and decoder graphs with Q/DQ from a quant state, plus bundle.json and the processor."""
+    apply_verify(no_verify)
     import json
     from pathlib import Path
 
@@ -40,8 +42,10 @@ def generate_command(
     question: Annotated[str, typer.Option(help="the question to ask about the image")],
     mode: Annotated[str, typer.Option(help="ONNX Runtime session mode: faithful | fast")] = "faithful",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Answer one question about one image greedily on ONNX Runtime and print the answer."""
+    apply_verify(no_verify)
     from pathlib import Path
 
     from ..errors import QvlmError
