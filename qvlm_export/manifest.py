@@ -207,6 +207,30 @@ def verify_tree(artifact_dir: Path) -> tuple[str, int]:
     return str(manifest.get("kind")), count
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from manifest.json (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def artifact_up_to_date(artifact_dir: Path, kind: str, config: dict[str, Any], inputs: dict[str, str],
+                        extra: dict[str, Any] | None = None) -> bool:
+    """True when ``artifact_dir`` is an intact ``kind`` artifact this tool version made from exactly
+    ``config`` and ``inputs`` (and the ``extra`` manifest fields): redoing it would give the same files."""
+    artifact_dir = Path(artifact_dir)
+    if not (artifact_dir / "manifest.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(artifact_dir, kind)
+    except QvlmError:
+        return False
+    expected = {"config": config, "inputs": inputs, **(extra or {})}
+    if manifest.get("tool", {}).get("version") != __version__:
+        return False
+    if any(manifest.get(key) != _as_json(value) for key, value in expected.items()):
+        return False
+    return manifest_mismatch(artifact_dir, manifest) is None
+
+
 def refresh_manifest_outputs(artifact_dir: Path) -> dict[str, Any]:
     """Re-hash ``artifact_dir`` into its manifest's ``outputs`` after a deliberate edit (e.g. fault injection).
 

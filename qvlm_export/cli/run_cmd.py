@@ -84,6 +84,8 @@ def print_stages(result, term) -> None:
         if name.startswith("check-trt"):
             note = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
         table.add_row(name, f"{seconds:.1f}", note)
+    for name in result.reused:
+        table.add_row(name, "-", "up to date (skipped)")
     for line in result.skipped:
         table.add_row(escape(line.split(":")[0]), "-", f"[yellow]{escape(line.split(':', 1)[1].strip())}[/]")
     term.print(table)
