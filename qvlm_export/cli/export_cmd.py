@@ -48,18 +48,13 @@ def generate_command(
     apply_verify(no_verify)
     from pathlib import Path
 
+    from ..data.images import open_image
     from ..errors import QvlmError
     from ..runtime.factory import answerer_for_bundle
 
-    path = Path(image)
-    if not path.is_file():
+    if not Path(image).is_file():
         raise QvlmError(f"image {image!r} does not exist; pass --image with a PNG or JPEG file")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        picture = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise QvlmError(f"{image!r} is not a readable image; pass a PNG or JPEG file") from None
+    picture = open_image(image)
     answerer, _ = answerer_for_bundle(Path(bundle), mode=mode, max_new_tokens=max_new_tokens)
     with answerer:
         typer.echo(answerer.ask([picture], [question])[0].strip())

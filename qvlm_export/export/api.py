@@ -91,7 +91,8 @@ def model_spec(vlm) -> ModelSpec:
     return ModelSpec(image_token_id=int(image_token), eos_token_id=int(eos), pad_token_id=int(pad),
                      num_layers=tcfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                      hidden_size=tcfg.hidden_size, vocab_size=tcfg.vocab_size,
-                     image_seq_length=int(cfg.image_seq_length), image_size=int(cfg.vision_config.image_size))
+                     image_seq_length=int(cfg.image_seq_length), image_size=int(cfg.vision_config.image_size),
+                     max_positions=getattr(tcfg, "max_position_embeddings", None))
 
 
 def quant_summary(state, quant: str | Path | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
      "graphs": {"vision": {"file", "inputs", "outputs", "sha256",
                            "weight_bytes": {"total", "linear", "linear_fp16"}}, "embed": ..., "decoder": ...},
      "model": {"image_token_id", "eos_token_id", "pad_token_id", "num_layers", "num_kv_heads", "head_dim",
-               "hidden_size", "vocab_size", "image_seq_length", "image_size"},
+               "hidden_size", "vocab_size", "image_seq_length", "image_size", "max_positions"},
      "quant": {"setting", "method", "deployable", "runs_on", "weight_bits", "act_bits", "group_size",
                "layers", "state_sha256"},
      "processor": "processor"}
@@ -61,6 +61,7 @@ class ModelSpec:
     vocab_size: int
     image_seq_length: int
     image_size: int
+    max_positions: int | None = None  # text model's max_position_embeddings (None: bundles before it was recorded)
 
 
 @dataclass(frozen=True)
