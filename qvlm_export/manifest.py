@@ -187,6 +187,9 @@ def verify_artifact(artifact_dir: Path, kind: str | None = None, verify: bool | 
     reads the manifest. Raises a one-line :class:`QvlmError` naming the changed, missing or
     added file. Hashes are cached per process, so repeated loads cost a ``stat`` per file.
     """
+    if should_verify(verify) and not (Path(artifact_dir) / "manifest.json").is_file():
+        raise QvlmError(f"{str(artifact_dir)!r} has no manifest.json, so its files cannot be checked; it is not a "
+                        "qvlm-export artifact directory (re-create it, or pass --no-verify to load it unchecked)")
     manifest = read_manifest(artifact_dir, kind)
     if should_verify(verify):
         problem = manifest_mismatch(Path(artifact_dir), manifest)
