@@ -154,7 +154,7 @@ def verification(enabled: bool) -> Iterator[None]:
         set_verification(previous)
 
 
-def _describe_all(manifest: dict[str, Any], artifact_dir: Path) -> tuple[str, str, str]:
+def _describe(manifest: dict[str, Any], artifact_dir: Path) -> tuple[str, str, str]:
     noun, stage, redo = _KINDS.get(str(manifest.get("kind")), ("artifact", "writing", "re-create it"))
     return f"{noun} {str(artifact_dir)!r}", stage, redo
 
@@ -162,7 +162,7 @@ def _describe_all(manifest: dict[str, Any], artifact_dir: Path) -> tuple[str, st
 def manifest_mismatch(artifact_dir: Path, manifest: dict[str, Any]) -> str | None:
     """The first difference between the files of ``artifact_dir`` and its manifest's ``outputs`` (None: all match)."""
     artifact_dir = Path(artifact_dir)
-    where, stage, redo = _describe_all(manifest, artifact_dir)
+    where, stage, redo = _describe(manifest, artifact_dir)
     recorded = manifest.get("outputs")
     if not isinstance(recorded, dict) or not recorded:
         return f"{where}: manifest.json records no output hashes; {redo} or pass --no-verify"

@@ -145,3 +145,20 @@ def test_verify_command_exit_codes(artifacts, tiny_bundle, tmp_path, capsys):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     assert main(["verify", str(tmp_path / "bad")]) == 2
     assert json.loads((quant / "manifest.json").read_text())["kind"] == "quant-state"
+
+
+def test_validate_api_skips_verification_when_asked(artifacts, tiny_bundle, tmp_path):
+    from qvlm_export.validate.api import CandidateSpec, validate
+    from qvlm_export.validate.config import validate_config_from_dict
+
+    bundle, _ = artifacts
+    (bundle / "processor" / "notes.txt").write_text("fault injected")  # graphs untouched: validation can run
+    spec = CandidateSpec(bundle=bundle, name="w8a8", skipped=("tensorrt: skipped: test",))
+    config = validate_config_from_dict({"calib_samples": 1, "batch_size": 1, "task": False, "runners": "faithful",
+                                        "layer_errors": False, "threads": 1})
+    with pytest.raises(ArtifactModified, match="processor/notes.txt was added after export"):
+        validate(tiny_bundle("fp"), [spec], tmp_path / "r1", config)
+    assert not (tmp_path / "r1").exists()
+    report = validate(tiny_bundle("fp"), [spec], tmp_path / "r2", config, verify=False)
+    assert [c.name for c in report.candidates] == ["w8a8"] and (tmp_path / "r2" / "report.json").is_file()
+    assert verification_enabled()
