@@ -23,6 +23,10 @@ class ParityFailure(QvlmError):
     exit_code = 1
 
 
+class ArtifactModified(QvlmError):
+    """An artifact's files differ from its manifest.json (loads: exit 2; ``qvlm-export verify``: exit 1)."""
+
+
 def reject_unknown_keys(raw: dict, allowed: set[str] | type, where: str, hidden: frozenset[str] = frozenset()) -> None:
     """One-line error naming the first unknown key of a config mapping and the allowed ones.
 

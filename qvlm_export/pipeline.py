@@ -38,6 +38,7 @@ class RunResult:
     check_trt: dict[str, bool] = field(default_factory=dict)
     engines: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # stages whose artifact in --out was already up to date
 
     @property
     def report_html(self) -> Path:
@@ -49,7 +50,7 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "passed": self.passed, "seconds": self.seconds, "check_trt": self.check_trt,
-                "engines": self.engines, "skipped": self.skipped,
+                "engines": self.engines, "skipped": self.skipped, "reused": self.reused,
                 "report": str(self.report_html) if self.report is not None else None}
 
 
@@ -92,8 +93,14 @@ class _Timer:
         self.log(f"{name}: done in {self.result.seconds[name]:.1f} s")
         return value
 
+    def reuse(self, name: str, artifact: Path) -> Path:
+        self.log(f"{name}: up to date (skipped)")
+        self.result.reused.append(name)
+        return artifact
+
 
 def _quantize_all(config: RunConfig, out: Path, stage: _Timer, progress: bool) -> dict[str, Path]:
+    from .pipeline_resume import quant_state_current
     from .search.api import quantize
 
     q = config.quantize
@@ -103,23 +110,34 @@ def _quantize_all(config: RunConfig, out: Path, stage: _Timer, progress: bool) -
         if not recipe.deployable:
             raise QvlmError(f"setting {setting!r} is simulated only (no deployable kernel); run cannot export it: "
                             "use 'qvlm-export quantize' and 'eval --quant' for simulated settings")
+        name, target = f"quantize {q.method} {setting}", out / "quant" / setting
+        if quant_state_current(config.model, recipe, q.calib, q.device, target):
+            states[setting] = stage.reuse(name, target)
+            continue
         checkpoint = Path(q.checkpoint_dir) / setting if q.checkpoint_dir else None
-        states[setting] = stage(f"quantize {q.method} {setting}", lambda r=recipe, s=setting, c=checkpoint: quantize(
-            config.model, r, calib=q.calib, out=out / "quant" / s, device=q.device, progress=progress,
-            checkpoint_dir=c))
+        states[setting] = stage(name, lambda r=recipe, t=target, c=checkpoint: quantize(
+            config.model, r, calib=q.calib, out=t, device=q.device, progress=progress, checkpoint_dir=c))
     return states
 
 
-def _export_all(config: RunConfig, out: Path, states: dict[str, Path], stage: _Timer) -> dict[str, Path]:
+def _export_one(name: str, config: RunConfig, state: Path | None, target: Path, export_config, stage: _Timer) -> Path:
+    """One bundle, or the one already in --out when it was exported from the same inputs and config."""
     from .export.api import export_bundle
+    from .pipeline_resume import bundle_current
+
+    if bundle_current(config.model, state, export_config, target):
+        return stage.reuse(name, target)
+    return stage(name, lambda: export_bundle(config.model, state, target, config=export_config))
+
+
+def _export_all(config: RunConfig, out: Path, states: dict[str, Path], stage: _Timer) -> dict[str, Path]:
     from .export.config import export_config_from_dict
 
     export_config = export_config_from_dict(config.export, "run config: export")
-    bundles = {"fp": stage("export fp", lambda: export_bundle(config.model, None, out / "bundles" / "fp",
-                                                              config=export_config))}
+    bundles = {"fp": _export_one("export fp", config, None, out / "bundles" / "fp", export_config, stage)}
     for setting, state in states.items():
-        bundles[setting] = stage(f"export {setting}", lambda s=setting, st=state: export_bundle(
-            config.model, st, out / "bundles" / s, config=export_config))
+        bundles[setting] = _export_one(f"export {setting}", config, state, out / "bundles" / setting, export_config,
+                                       stage)
     return bundles
 
 
@@ -157,7 +175,6 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
         return
     from .build.builder import build_engines
     from .build.profiles import load_profile
-    from .export.api import export_bundle
     from .export.config import export_config_from_dict
 
     profile = load_profile(config.build.profile)
@@ -167,8 +184,8 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
         if setting not in TENSORRT_SETTINGS:
             result.skipped.append(f"tensorrt engines for {setting}: skipped: {_not_trt(setting)}")
             continue
-        bundle = stage(f"export {setting} {profile.graph_dtype}", lambda s=setting, st=state: export_bundle(
-            config.model, st, out / "bundles" / f"{s}-{profile.graph_dtype}", config=export_config))
+        bundle = _export_one(f"export {setting} {profile.graph_dtype}", config, state,
+                             out / "bundles" / f"{setting}-{profile.graph_dtype}", export_config, stage)
         result.engines[setting] = str(stage(f"build {setting} ({profile.name})", lambda s=setting, b=bundle: build_engines(
             b, profile, out / "engines" / s, timing_cache=cache, skip_check=config.build.skip_check)))
 
@@ -189,11 +206,25 @@ def _validate(config: RunConfig, out: Path, bundles: dict[str, Path], states: di
 
 
 def run_pipeline(config: RunConfig, log: Log | None = None, progress: bool = True) -> RunResult:
-    """Run every stage into ``config.out``; the result says what ran, how long, and the verdict."""
+    """Run every stage into ``config.out``; the result says what ran, how long, and the verdict.
+
+    Holds ``out/.lock`` for the whole run (a second run into ``out`` fails in one line),
+    removes temporaries a killed run left, and reuses every quant state and bundle already
+    in ``out`` that was made from the same inputs and config: a re-run redoes only what changed.
+    """
+    from .pipeline_resume import remove_stale_temps, run_lock
+
     log = log or (lambda _: None)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise QvlmError(f"--out {str(out)!r} is a file; choose a directory")
+    with run_lock(out):
+        for path in remove_stale_temps(out):
+            log(f"removed {path} (left by an interrupted run)")
+        return _run_stages(config, out, log, progress)
+
+
+def _run_stages(config: RunConfig, out: Path, log: Log, progress: bool) -> RunResult:
     result = RunResult(out=out)
     stage = _Timer(result, log)
     start = time.perf_counter()

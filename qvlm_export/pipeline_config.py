@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_types import typed_fields
 from .errors import QvlmError, reject_unknown_keys
 from .quant.recipe import SETTINGS, TENSORRT_SETTINGS
 from .validate.config import ValidateConfig, validate_config_from_dict
@@ -78,16 +79,24 @@ def _section(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
         raise QvlmError(f"{where}: must be a mapping")
     reject_unknown_keys(raw, cls, where)
-    return cls(**raw)
+    return cls(**typed_fields(cls, raw, where))
 
 
 def run_config_from_dict(raw: dict[str, Any] | None, source: str = "run config") -> RunConfig:
     """Validate a run-config mapping (see the module docstring)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise QvlmError(f"{source}: a run config must be a mapping")
     raw = dict(raw or {})
     reject_unknown_keys(raw, RunConfig, source, hidden=frozenset({"version"}))
-    quantize = dict(raw.get("quantize") or {})
+    raw = typed_fields(RunConfig, raw, source)  # model, out, version; sections are checked below
+    quantize = raw.get("quantize") or {}
+    if not isinstance(quantize, dict):
+        raise QvlmError(f"{source}: quantize must be a mapping")
+    quantize = dict(quantize)
     if "settings" in quantize:
         s = quantize["settings"]
+        if not isinstance(s, str | list | tuple):
+            raise QvlmError(f"{source}: quantize.settings must be a list like [w8a8, w4a16], got {s!r}")
         quantize["settings"] = tuple(str(x).lower() for x in (s.split(",") if isinstance(s, str) else s))
     q = _section(QuantizeOptions, quantize, f"{source}: quantize")
     bad = [s for s in q.settings if s not in SETTINGS]

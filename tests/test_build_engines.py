@@ -75,7 +75,9 @@ def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
     write_bundle_json(BundleInfo(root, "fp16" if dtype == TensorProto.FLOAT16 else "fp32", 21, graphs, spec,
                                  {"setting": "w8a8"}), root)
     (root / "processor" / "tokenizer.json").write_text("{}")
-    (root / "manifest.json").write_text(json.dumps({"kind": "onnx-bundle"}))
+    from qvlm_export.manifest import build_manifest, write_manifest
+
+    write_manifest(root, build_manifest("onnx-bundle", {}, {}, root))
     return root
 
 
@@ -308,6 +310,24 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
     with pytest.raises(QvlmError, match="outside the prefill profile's 1..16"):
         Comparator.run([candidate], data_loader=too_long)
     engines.deactivate()
+
+
+def test_engine_dir_loads_verify_engines_and_the_bundle_copy(bundle, tmp_path):
+    from qvlm_export.errors import ArtifactModified
+    from qvlm_export.runtime.bundle import read_bundle
+
+    out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
+    assert read_bundle(out / "bundle").dtype == "fp16"
+    (out / "bundle" / "processor" / "tokenizer.json").write_text("{ }")
+    with pytest.raises(ArtifactModified, match=r"engine directory .*: bundle/processor/tokenizer.json was modified "
+                                               r"after build .*; rebuild it or pass --no-verify"):
+        read_bundle(out / "bundle")
+    assert read_bundle(out / "bundle", verify=False).dtype == "fp16"
+    (out / "bundle" / "processor" / "tokenizer.json").write_text("{}")  # back to the built bytes
+    (out / "decoder.engine").write_bytes(b"engine:decoder:tampered")
+    with pytest.raises(ArtifactModified, match="decoder.engine was modified after build"):
+        read_engine_manifest(out)
+    assert read_engine_manifest(out, verify=False)["kind"] == "engines"
 
 
 def test_engine_set_serves_the_runtime_runner_contract(bundle, tmp_path):

@@ -27,7 +27,7 @@ from qvlm_export.data.manifest import load_dataset  # noqa: E402
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
 from qvlm_export.load.tiny import save_tiny_random_model  # noqa: E402
-from qvlm_export.manifest import hash_tree, read_manifest  # noqa: E402
+from qvlm_export.manifest import hash_tree, read_manifest, refresh_manifest_outputs  # noqa: E402
 from qvlm_export.runtime.bundle import read_bundle  # noqa: E402
 from qvlm_export.runtime.factory import answerer_for_bundle  # noqa: E402
 from qvlm_export.runtime.ort_runner import ort_runner  # noqa: E402
@@ -177,6 +177,7 @@ def test_bad_states_are_refused_in_one_line(tmp_path, capsys):
     shutil.copytree(H.quant_state("w8a8"), state)
     recipe = (state / "recipe.yaml").read_text().replace("setting: w8a8", "setting: w6a6")
     (state / "recipe.yaml").write_text(recipe)
+    refresh_manifest_outputs(state)  # a deliberate edit: re-hash, so the check under test is reached
     code = main(["export", "--quant", str(state), "--out", str(tmp_path / "bundle")])
     assert code == 2
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from qvlm_export.data.manifest import load_dataset
 from qvlm_export.errors import QvlmError
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer
 from qvlm_export.load.model import load_vlm
-from qvlm_export.manifest import hash_tree, sha256_file
+from qvlm_export.manifest import build_manifest, hash_tree, sha256_file, write_manifest
 from qvlm_export.quant.calibrate import SequentialCalibrator
 from qvlm_export.quant.modules import apply_quant_state
 from qvlm_export.quant.recipe import load_recipe, recipe_from_dict
@@ -55,6 +55,7 @@ def test_saved_state_reloads_to_bit_identical_simulated_outputs(tmp_path, biased
     cal = SequentialCalibrator(vlm, load_dataset("builtin:calib:8"), recipe, batch_size=8, device="cpu")
     state = cal.run(get_method(recipe.method)(recipe).block)
     state.save(tmp_path)
+    write_manifest(tmp_path, build_manifest("quant-state", {}, {}, tmp_path))  # as quantize() does: loads verify it
     in_memory = logits(apply_quant_state(load_vlm(biased_model_dir).model, state_to_cpu(state)), eval_inputs)
     reloaded, info = load_simulated(tmp_path, model=str(biased_model_dir))
     assert torch.equal(logits(reloaded.model, eval_inputs), in_memory)
@@ -90,7 +91,8 @@ def test_quantize_api_writes_a_complete_deterministic_artifact(tmp_path, tiny_mo
     assert set(manifest["inputs"]) == {"model", "calibration"} and manifest["deployable"] is True
     assert {"torch", "transformers"} <= set(manifest["libraries"])
     meta = json.loads((a / "state.json").read_text())
-    assert meta["extras"]["search_seconds"] > 0 and meta["extras"]["calibration"]["samples"] == 8
+    assert manifest["search_seconds"] > 0 and meta["extras"]["calibration"]["samples"] == 8
+    assert "search_seconds" not in meta["extras"]  # timings stay out of the hashed files
     assert all(m["granularity"] == "group" and m["act_bits"] is None for m in meta["layers"].values())
 
 
@@ -117,9 +119,9 @@ def test_corrupt_state_files_are_one_line_errors(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(QvlmError, match=r"state.json is not valid JSON") as info:
-        load_state(tmp_path)
+        load_state(tmp_path, verify=False)  # no manifest: these are the parsers' own errors
     assert "\n" not in str(info.value)
     (tmp_path / "state.json").write_text(json.dumps({"format": STATE_FORMAT}))
     (tmp_path / "recipe.yaml").write_text("method: [unclosed")
     with pytest.raises(QvlmError, match=r"recipe.yaml: not valid YAML"):
-        load_state(tmp_path)
+        load_state(tmp_path, verify=False)

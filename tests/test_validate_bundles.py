@@ -15,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from qvlm_export.cli import main
+from qvlm_export.runtime.bundle import refresh_bundle
 
 BROKEN_SCALE = "model.language_model.layers.0.mlp.down_proj.weight_scale"
 ARGS = ["--calib-samples", "4", "--eval-samples", "16", "--threads", "1"]
@@ -36,6 +37,7 @@ def bundles(tiny_bundle, tmp_path_factory, tiny_w8a8_thresholds):
     assert len(hits) == 1
     hits[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hits[0]) * 4, BROKEN_SCALE))
     onnx.save(decoder, str(broken / "decoder.onnx"))
+    refresh_bundle(broken)  # a deliberate edit: re-hash it, as if the exporter itself had written the bad scale
     return {"fp": fp, "w8a8": w8a8, "quant": w8a8.parent / "quant-w8a8", "broken": broken,
             "thresholds": tiny_w8a8_thresholds, "root": root}
 

@@ -54,12 +54,12 @@ def quant_row(method: str, setting: str, model: str | None, calib: str, eval_dat
 
     state = quantize(model=model, recipe=f"{method}-{setting}", calib=calib, out=states_dir / f"{method}-{setting}",
                      progress=False)
-    meta = json.loads((state / "state.json").read_text())
+    seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
     answerer, info = make_answerer(model=model, quant=str(state))
     acc = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False).overall
     sqnr = logit_sqnr_db(fp_logits, next_token_logits(answerer.vlm, load_dataset(sqnr_data)))
     return {"method": method, "setting": setting, "deployable": bool(info["deployable"]), "accuracy": round(acc, 4),
-            "logit_sqnr_db": round(sqnr, 2), "search_seconds": round(float(meta["extras"]["search_seconds"]), 2)}
+            "logit_sqnr_db": round(sqnr, 2), "search_seconds": round(float(seconds), 2)}
 
 
 def order_key(row: dict) -> tuple[int, int]:

@@ -192,10 +192,11 @@ def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path |
                         f"and see the TensorRT log above") from None
 
 
-def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    from ..manifest import read_manifest
+def read_engine_manifest(engine_dir: Path, verify: bool | None = None) -> dict[str, Any]:
+    """The engine directory's manifest, its files checked against it (``verify`` None: process-wide setting)."""
+    from ..manifest import verify_artifact
 
-    return read_manifest(Path(engine_dir), kind=ENGINE_KIND)
+    return verify_artifact(Path(engine_dir), kind=ENGINE_KIND, verify=verify)
 
 
 def dump_plan(plan: BuildPlan) -> str:

@@ -261,13 +261,21 @@ def check_onnx(path: Path, name: str | None = None) -> CheckReport:
     return check_model(model, name or path.name, base_dir=path.parent)
 
 
-def check_path(path: str | Path) -> CheckReport:
-    """Check one ``.onnx`` file, or every ``.onnx`` file under a bundle directory."""
+def check_path(path: str | Path, verify: bool | None = None) -> CheckReport:
+    """Check one ``.onnx`` file, or every ``.onnx`` file under a bundle directory.
+
+    A directory with a ``manifest.json`` is first checked against its hashes (``verify``
+    None: the process-wide setting); a plain folder of ``.onnx`` files is checked as is.
+    """
+    from ..manifest import should_verify, verify_artifact
+
     path = Path(path)
     if path.is_file():
         return check_onnx(path)
     if not path.is_dir():
         raise QvlmError(f"{str(path)!r} does not exist; pass an ONNX bundle directory or an .onnx file")
+    if should_verify(verify) and (path / "manifest.json").is_file():
+        verify_artifact(path, verify=True)
     files = sorted(path.rglob("*.onnx"))
     if not files:
         raise QvlmError(f"{str(path)!r} contains no .onnx files; pass a bundle written by `qvlm-export export`")

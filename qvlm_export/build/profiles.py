@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 from ..yaml_files import named_yaml, parse_yaml
 
@@ -100,7 +101,7 @@ def profile_from_dict(raw: Any, source: str = "profile") -> BuildProfile:
     _check_int(raw, "max_context", source, 2)
     _check_int(raw, "builder_optimization_level", source, 0, 5)
     _check_int(raw, "version", source, PROFILE_VERSION, PROFILE_VERSION)
-    profile = BuildProfile(**raw)
+    profile = BuildProfile(**typed_fields(BuildProfile, raw, source))
     if profile.hardware_compatibility not in HARDWARE_LEVELS:
         raise QvlmError(f"{source}: hardware_compatibility must be one of {list(HARDWARE_LEVELS)}, "
                         f"got {profile.hardware_compatibility!r}")

@@ -22,10 +22,20 @@ app = typer.Typer(
 )
 
 
+NO_VERIFY_HELP = "load artifacts without checking their files against the SHA-256 hashes in manifest.json"
+
+
+def apply_verify(no_verify: bool) -> None:
+    """``--no-verify``: switch off hash checks on load for this command (main restores the setting)."""
+    from ..manifest import set_verification
+
+    set_verification(not no_verify)
+
+
 def _register() -> None:
     from . import data_cmd, eval_cmd  # noqa: F401  (each module adds its commands to ``app``)
 
-    for name in ("quantize_cmd", "search_cmd", "export_cmd", "build_cmd", "validate_cmd", "run_cmd"):
+    for name in ("quantize_cmd", "search_cmd", "export_cmd", "build_cmd", "validate_cmd", "run_cmd", "verify_cmd"):
         try:
             __import__(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:
@@ -34,10 +44,14 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..manifest import verification, verification_enabled
+
     _register()
     try:
-        # without standalone mode click returns a command's ``typer.Exit`` code instead of raising it
-        code = app(args=argv, standalone_mode=False)
+        # without standalone mode click returns a command's ``typer.Exit`` code instead of raising it;
+        # ``verification`` restores what --no-verify changed (tests call main() many times per process)
+        with verification(verification_enabled()):
+            code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             return code
     except QvlmError as exc:

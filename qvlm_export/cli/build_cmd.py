@@ -6,15 +6,17 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 
 @app.command("check-trt")
 def check_trt_command(
     path: Annotated[str, typer.Argument(help="ONNX bundle directory or one .onnx file")],
     json_out: Annotated[str | None, typer.Option("--json", help="write the report as JSON here")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Static check of every TensorRT Q/DQ rule (no TensorRT needed); exit 1 on violations."""
+    apply_verify(no_verify)
     from rich.console import Console
     from rich.table import Table
 
@@ -44,8 +46,10 @@ def build_command(
     timing_cache: Annotated[str | None, typer.Option(help="timing cache file (default: the profile's)")] = None,
     skip_check: Annotated[bool, typer.Option(help="build even if check-trt finds rule violations")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the engines and optimization-profile shapes; no TensorRT")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Strongly typed TensorRT engines (vision, embed, decoder prefill/decode) with a manifest."""
+    apply_verify(no_verify)
     from pathlib import Path
 
     from ..build.builder import build_engines, dump_plan, plan_build

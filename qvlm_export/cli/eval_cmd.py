@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 
 @app.command("eval")
@@ -22,8 +22,10 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="write {overall, by_type, n} here")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Greedy exact-match accuracy, per question type and overall."""
+    apply_verify(no_verify)
     from rich.console import Console
     from rich.table import Table
 

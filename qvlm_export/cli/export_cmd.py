@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 
 @app.command("export")
@@ -17,8 +17,10 @@ def export_command(
     quant: Annotated[str | None, typer.Option(help="quant-state directory (default: the FP reference bundle)")] = None,
     dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Export vision, embed and decoder graphs with Q/DQ from a quant state, plus bundle.json and the processor."""
+    apply_verify(no_verify)
     import json
     from pathlib import Path
 
@@ -40,22 +42,19 @@ def generate_command(
     question: Annotated[str, typer.Option(help="the question to ask about the image")],
     mode: Annotated[str, typer.Option(help="ONNX Runtime session mode: faithful | fast")] = "faithful",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Answer one question about one image greedily on ONNX Runtime and print the answer."""
+    apply_verify(no_verify)
     from pathlib import Path
 
+    from ..data.images import open_image
     from ..errors import QvlmError
     from ..runtime.factory import answerer_for_bundle
 
-    path = Path(image)
-    if not path.is_file():
+    if not Path(image).is_file():
         raise QvlmError(f"image {image!r} does not exist; pass --image with a PNG or JPEG file")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        picture = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise QvlmError(f"{image!r} is not a readable image; pass a PNG or JPEG file") from None
+    picture = open_image(image)
     answerer, _ = answerer_for_bundle(Path(bundle), mode=mode, max_new_tokens=max_new_tokens)
     with answerer:
         typer.echo(answerer.ask([picture], [question])[0].strip())

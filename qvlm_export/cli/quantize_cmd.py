@@ -28,6 +28,7 @@ def quantize_command(
     path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
                     checkpoint_dir=checkpoint_dir)
     meta = json.loads((Path(path) / "state.json").read_text())
+    seconds = json.loads((Path(path) / "manifest.json").read_text()).get("search_seconds", 0)
     kind = "deployable" if meta["deployable"] else "simulated only"
     typer.echo(f"wrote {path}: {meta['method']} {meta['setting']} ({kind}), {len(meta['layers'])} quantized Linears, "
-               f"search {meta['extras'].get('search_seconds', 0):.1f} s")
+               f"search {seconds:.1f} s")

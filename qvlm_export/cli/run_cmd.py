@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 # CLI option -> run-config key; every other key is reachable with --set section.key=value or --config.
 OPTION_KEYS = {
@@ -45,8 +45,10 @@ def run_command(
     thresholds: Annotated[str | None, typer.Option(help="parity thresholds YAML")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Embedded model + built-in calibration set -> Q-VLM W8A8 and W4A16 -> ONNX -> ORT/TensorRT -> validated report."""
+    apply_verify(no_verify)
     from ..pipeline import run_pipeline
     from ..pipeline_config import load_run_config
     from .validate_view import console, fail_on, print_report
@@ -82,6 +84,8 @@ def print_stages(result, term) -> None:
         if name.startswith("check-trt"):
             note = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
         table.add_row(name, f"{seconds:.1f}", note)
+    for name in result.reused:
+        table.add_row(name, "-", "up to date (skipped)")
     for line in result.skipped:
         table.add_row(escape(line.split(":")[0]), "-", f"[yellow]{escape(line.split(':', 1)[1].strip())}[/]")
     term.print(table)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from . import NO_VERIFY_HELP, app, apply_verify
 
 
 @app.command("validate")
@@ -30,8 +30,10 @@ def validate_command(
     int4_accuracy_level: Annotated[int | None, typer.Option(
         help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
     reuse_reference: Annotated[str | None, typer.Option(help="polygraphy/ folder of an earlier report: skip the reference run")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Exit 0 when every threshold holds, 1 naming each failing graph/output/statistic/threshold, 2 on bad input."""
+    apply_verify(no_verify)
     from pathlib import Path
 
     from ..validate.api import CandidateSpec, validate

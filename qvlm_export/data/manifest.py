@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..errors import QvlmError
+from .images import open_image
 from .synthetic import Sample, make_split
 
 REQUIRED_FIELDS = ("image", "question", "answer")
@@ -27,6 +26,8 @@ def load_dataset(spec: str | Path, limit: int | None = None) -> list[Sample]:
         split = parts[1] if len(parts) > 1 else ""
         try:
             n = int(parts[2]) if len(parts) > 2 else None
+            if n is not None and n < 1:
+                raise ValueError("N must be at least 1")
             samples = make_split(split, None if split != "train" else (n or 64))
         except ValueError as exc:
             raise QvlmError(f"bad built-in data spec {text!r}: {exc}; use builtin:eval, builtin:calib or builtin:eval:N") from None
@@ -41,8 +42,12 @@ def read_manifest(path: Path) -> list[Sample]:
         raise QvlmError(f"data manifest {str(path)!r} does not exist; pass a JSONL file or builtin:eval / builtin:calib")
     if path.is_dir():
         raise QvlmError(f"data manifest {str(path)!r} is a directory; pass the .jsonl file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QvlmError(f"data manifest {str(path)!r} is not UTF-8 text (byte {exc.start}); pass a JSONL file") from None
     samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -55,14 +60,11 @@ def read_manifest(path: Path) -> list[Sample]:
         missing = [f for f in REQUIRED_FIELDS if f not in row]
         if missing:
             raise QvlmError(f"{where}: missing field {missing[0]!r} (each line needs {list(REQUIRED_FIELDS)})")
-        image_path = path.parent / str(row["image"])
-        try:
-            with Image.open(image_path) as im:
-                image = im.convert("RGB")
-        except (FileNotFoundError, IsADirectoryError):
-            raise QvlmError(f"{where}: image {str(image_path)!r} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise QvlmError(f"{where}: image {str(image_path)!r} is unreadable ({type(exc).__name__})") from None
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise QvlmError(f"{where}: question must be a non-empty string, got {row['question']!r}")
+        if isinstance(row["answer"], bool) or not isinstance(row["answer"], str | int | float):
+            raise QvlmError(f"{where}: answer must be a string (or number), got {row['answer']!r}")
+        image = open_image(path.parent / str(row["image"]), where=f"{where}: image")
         samples.append(Sample(image=image, question=str(row["question"]), answer=str(row["answer"]),
                               qtype=str(row.get("type", "all")), image_path=str(row["image"])))
     if not samples:

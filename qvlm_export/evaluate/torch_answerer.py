@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..data.synthetic import Sample
-from ..load.model import LoadedVLM, build_prompt
+from ..load.model import LoadedVLM, build_prompt, check_context
 
 
 class TorchAnswerer:
@@ -17,6 +17,8 @@ class TorchAnswerer:
         processor = self.vlm.processor
         prompts = [build_prompt(processor, s.question) for s in samples]
         batch = processor(images=[s.image for s in samples], text=prompts, return_tensors="pt", padding=True)
+        limit = getattr(self.vlm.model.config.get_text_config(), "max_position_embeddings", None)
+        check_context(int(batch["input_ids"].shape[1]), self.max_new_tokens, limit)
         return batch.to(self.vlm.model.device)
 
     def answer(self, samples: list[Sample]) -> list[str]:

@@ -91,7 +91,8 @@ def model_spec(vlm) -> ModelSpec:
     return ModelSpec(image_token_id=int(image_token), eos_token_id=int(eos), pad_token_id=int(pad),
                      num_layers=tcfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                      hidden_size=tcfg.hidden_size, vocab_size=tcfg.vocab_size,
-                     image_seq_length=int(cfg.image_seq_length), image_size=int(cfg.vision_config.image_size))
+                     image_seq_length=int(cfg.image_seq_length), image_size=int(cfg.vision_config.image_size),
+                     max_positions=getattr(tcfg, "max_position_embeddings", None))
 
 
 def quant_summary(state, quant: str | Path | None) -> dict[str, Any]:
@@ -162,6 +163,25 @@ def _tensor_bytes(tensor) -> int:
     return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
+def export_identity(model_path: Path, quant: str | Path | None, config: ExportConfig) -> tuple[dict, dict]:
+    """The (config, inputs) a bundle's manifest records: what ``run`` compares to skip a redo."""
+    inputs = {"model": digest(hash_tree(model_path))}
+    if quant is not None:
+        inputs["quant"] = digest(hash_tree(Path(quant)))
+    return {"export": config.to_dict()}, inputs
+
+
+def export_model_path(model: str | Path | None, quant: str | Path | None) -> Path:
+    """The model directory :func:`export_bundle` loads: ``model``, else the state's model, else the embedded one."""
+    import json
+
+    from ..load.model import resolve_model_path
+
+    if model is None and quant is not None and (Path(quant) / "state.json").is_file():
+        model = json.loads((Path(quant) / "state.json").read_text()).get("model_path")
+    return resolve_model_path(model)
+
+
 def export_bundle(model: str | Path | None = None, quant: str | Path | None = None, out: str | Path = "bundle",
                   dtype: str | None = None, config: ExportConfig | None = None,
                   log: Callable[[str], None] | None = None) -> Path:
@@ -183,12 +203,10 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
         info = BundleInfo(path=tmp, dtype=config.dtype, opset=config.opset, graphs=graphs, model=spec,
                           quant=quant_summary(state, quant))
         write_bundle_json(info, tmp)
-        inputs = {"model": digest(hash_tree(vlm.path))}
-        if quant is not None:
-            inputs["quant"] = info.quant["state_sha256"]
+        recorded, inputs = export_identity(vlm.path, quant, config)
         # Where the bundle came from: validate rebuilds the quant state's simulated model from these to
         # check the graphs compute what the state says (the hashes in `inputs` guard against a changed state).
         sources = {"model": str(Path(vlm.path).resolve()), "quant": None if quant is None else str(Path(quant).resolve())}
-        write_manifest(tmp, build_manifest(BUNDLE_KIND, {"export": config.to_dict()}, inputs, tmp,
+        write_manifest(tmp, build_manifest(BUNDLE_KIND, recorded, inputs, tmp,
                                            extra={"setting": info.setting, "dtype": config.dtype, "sources": sources}))
     return Path(out)

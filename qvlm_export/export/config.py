@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 
 EXPORT_CONFIG_VERSION = 1
@@ -44,6 +45,8 @@ class ExportConfig:
 
 def export_config_from_dict(raw: dict[str, Any] | None, where: str = "export config") -> ExportConfig:
     """Validate a mapping (e.g. the ``export:`` section of a run config) into an :class:`ExportConfig`."""
+    if raw is not None and not isinstance(raw, dict):
+        raise QvlmError(f"{where}: must be a mapping")
     raw = dict(raw or {})
     reject_unknown_keys(raw, ExportConfig, where)
-    return ExportConfig(**raw)
+    return ExportConfig(**typed_fields(ExportConfig, raw, where))

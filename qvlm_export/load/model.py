@@ -71,8 +71,26 @@ def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = 
     return LoadedVLM(model=vlm.to(device).eval(), processor=processor, path=path)
 
 
+def check_question(processor, question: str) -> None:
+    """One-line errors for questions no prompt can hold: empty, or carrying the image placeholder."""
+    if not isinstance(question, str) or not question.strip():
+        raise QvlmError("the question is empty; ask something about the image")
+    token = getattr(processor, "image_token", None) or "<image>"
+    if token in question:  # the processor would count one image per placeholder and refuse the batch
+        raise QvlmError(f"the question contains the image placeholder {token!r}; remove it (the chat template "
+                        "inserts the image)")
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Refuse a prompt that, with the tokens to generate, runs past the model's position range."""
+    if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
+        raise QvlmError(f"the prompt is {prompt_tokens} tokens (image included); with {max_new_tokens} new tokens it "
+                        f"exceeds the model's {max_positions} positions; shorten the question")
+
+
 def build_prompt(processor, question: str) -> str:
     """The model's own chat format for one image and one question."""
+    check_question(processor, question)
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
     ]

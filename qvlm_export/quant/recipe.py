@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 from ..yaml_files import named_yaml, parse_yaml
 
@@ -101,7 +102,7 @@ def _section(cls, raw: Any, where: str, defaults: dict[str, Any] | None = None):
     if not isinstance(raw, dict):
         raise QvlmError(f"{where}: must be a mapping, got {type(raw).__name__}")
     reject_unknown_keys(raw, cls, where)
-    return cls(**{**(defaults or {}), **raw})
+    return cls(**typed_fields(cls, {**(defaults or {}), **raw}, where))
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe:

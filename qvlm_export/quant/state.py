@@ -100,14 +100,22 @@ class QuantState:
         (out_dir / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def load_state(state_dir: Path) -> QuantState:
-    """Read a quant-state directory written by :meth:`QuantState.save`."""
+def load_state(state_dir: Path, verify: bool | None = None) -> QuantState:
+    """Read a quant-state directory written by :meth:`QuantState.save`.
+
+    ``verify`` (None: the process-wide setting, on by default) checks every file against
+    the SHA-256 its ``manifest.json`` records first; block checkpoints pass False (no manifest).
+    """
     from safetensors.torch import load_file
+
+    from ..manifest import should_verify, verify_artifact
 
     state_dir = Path(state_dir)
     for required in ("quant.safetensors", "recipe.yaml", "state.json"):
         if not (state_dir / required).is_file():
             raise QvlmError(f"{str(state_dir)!r} is not a quant state: {required} is missing (write one with 'qvlm-export quantize')")
+    if should_verify(verify):
+        verify_artifact(state_dir, "quant-state")
     try:
         meta = json.loads((state_dir / "state.json").read_text())
     except json.JSONDecodeError as exc:

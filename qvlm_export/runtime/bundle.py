@@ -13,7 +13,7 @@ Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
      "graphs": {"vision": {"file", "inputs", "outputs", "sha256",
                            "weight_bytes": {"total", "linear", "linear_fp16"}}, "embed": ..., "decoder": ...},
      "model": {"image_token_id", "eos_token_id", "pad_token_id", "num_layers", "num_kv_heads", "head_dim",
-               "hidden_size", "vocab_size", "image_seq_length", "image_size"},
+               "hidden_size", "vocab_size", "image_seq_length", "image_size", "max_positions"},
      "quant": {"setting", "method", "deployable", "runs_on", "weight_bits", "act_bits", "group_size",
                "layers", "state_sha256"},
      "processor": "processor"}
@@ -61,6 +61,7 @@ class ModelSpec:
     vocab_size: int
     image_seq_length: int
     image_size: int
+    max_positions: int | None = None  # text model's max_position_embeddings (None: bundles before it was recorded)
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,42 @@ def write_bundle_json(info: BundleInfo, out_dir: Path) -> None:
     (Path(out_dir) / BUNDLE_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
 
 
-def read_bundle(path: str | Path) -> BundleInfo:
-    """Read ``bundle.json`` from a bundle directory (or the ``bundle/`` copy inside an engine directory)."""
+def verify_bundle(path: Path) -> None:
+    """Check the bundle's files against its manifest (or the engine directory's, for its ``bundle/`` copy)."""
+    from ..manifest import verify_artifact
+
+    if not (path / "manifest.json").is_file() and (path.parent / "manifest.json").is_file():
+        verify_artifact(path.parent, "engines", verify=True)
+    else:
+        verify_artifact(path, "onnx-bundle", verify=True)
+
+
+def refresh_bundle(path: str | Path) -> None:
+    """After a deliberate edit of a bundle's graphs (fault injection): re-hash bundle.json and manifest.json."""
+    from ..manifest import refresh_manifest_outputs, sha256_file
+
+    path = Path(path)
+    raw = json.loads((path / BUNDLE_FILE).read_text())
+    for graph in raw["graphs"].values():
+        graph["sha256"] = sha256_file(path / graph["file"])
+    (path / BUNDLE_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    refresh_manifest_outputs(path)
+
+
+def read_bundle(path: str | Path, verify: bool | None = None) -> BundleInfo:
+    """Read ``bundle.json`` from a bundle directory (or the ``bundle/`` copy inside an engine directory).
+
+    ``verify`` (None: the process-wide setting, on by default) first checks every file
+    against the SHA-256 the manifest records (cached per process).
+    """
+    from ..manifest import should_verify
+
     path = Path(path)
     file = path / BUNDLE_FILE
     if not file.is_file():
         raise QvlmError(f"{str(path)!r} is not an ONNX bundle: no {BUNDLE_FILE} (write one with `qvlm-export export`)")
+    if should_verify(verify):
+        verify_bundle(path)
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:

@@ -90,10 +90,11 @@ class RunnerAnswerer:
         self._active = False
 
     def inputs(self, images: list, questions: list[str]) -> dict[str, np.ndarray]:
-        from ..load.model import build_prompt
+        from ..load.model import build_prompt, check_context
 
         prompts = [build_prompt(self.processor, q) for q in questions]
         batch = self.processor(images=images, text=prompts, return_tensors="np", padding=True)
+        check_context(int(batch["input_ids"].shape[1]), self.max_new_tokens, self.runner.info.model.max_positions)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "pixel_values": batch["pixel_values"]}
 

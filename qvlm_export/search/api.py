@@ -74,6 +74,24 @@ def _run(method, calibrator, progress: bool) -> QuantState:
                               progress=lambda name: bar.update(task, advance=1, description=name.rsplit(",")[-1]))
 
 
+def resolve_device(device: str | None) -> str:
+    """``device`` or the default (cuda when available), refusing cuda without CUDA."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QvlmError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
+    return device
+
+
+def quantize_identity(model_path: Path, rec: QuantRecipe, calib: str | Path, samples: list[Sample],
+                      device: str) -> tuple[dict, dict]:
+    """The (config, inputs) a quant state's manifest records: what ``run`` compares to skip a redo."""
+    config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
+    inputs = {"model": digest(hash_tree(model_path)), "calibration": samples_digest(samples)}
+    return config, inputs
+
+
 def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
              calib: str | Path = "builtin:calib", out: str | Path = "quant", device: str | None = None,
              progress: bool = True, checkpoint_dir: str | Path | None = None) -> Path:
@@ -87,27 +105,24 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     if rec.method == "fp":
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
     method = get_method(rec.method)(rec)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QvlmError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
+    device = resolve_device(device)
     vlm = load_vlm(model, device=device)
     samples = calibration_samples(calib, rec.calibration)
     calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir)
     start = time.perf_counter()
     state = _run(method, calibrator, progress)
     seconds = time.perf_counter() - start
-    state.extras["search_seconds"] = round(seconds, 3)
     state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
     state = state_to_cpu(state)
-    import torch
-
-    config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
-    inputs = {"model": digest(hash_tree(vlm.path)), "calibration": samples_digest(samples)}
+    config, inputs = quantize_identity(vlm.path, rec, calib, samples, device)
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
                                            extra={"setting": rec.setting, "deployable": rec.deployable,
                                                   "runs_on": rec.runs_on,
+                                                  # wall time lives here, not in state.json, so that the
+                                                  # state's files are byte-identical across identical runs
+                                                  "search_seconds": round(seconds, 3),
                                                   # float reductions, hence searched codes, depend on it
                                                   "torch_threads": torch.get_num_threads()}))
     return Path(out)

@@ -31,6 +31,12 @@ def method_args(recipe: QuantRecipe, defaults: dict[str, Any]) -> dict[str, Any]
     unknown = sorted(set(recipe.method_args) - set(defaults))
     if unknown:
         raise QvlmError(f"{recipe.method}: unknown method_args key {unknown[0]!r}; allowed: {sorted(defaults)}")
+    for key, value in recipe.method_args.items():  # each value must have its default's type (ints pass as floats)
+        default = defaults[key]
+        kinds = (int, float) if isinstance(default, float) else type(default)
+        if default is not None and (not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool)):
+            raise QvlmError(f"{recipe.method}: method_args.{key} must be {type(default).__name__} like {default!r}, "
+                            f"got {value!r}")
     return {**defaults, **recipe.method_args}
 
 

@@ -175,11 +175,19 @@ def _reference_eval(reference: Reference, config: ValidateConfig, progress: bool
 
 def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | Path,
              config: ValidateConfig | None = None, reuse_reference: str | Path | None = None,
-             log: Callable[[str], None] | None = None, progress: bool = True) -> ValidationReport:
+             log: Callable[[str], None] | None = None, progress: bool = True,
+             verify: bool | None = None) -> ValidationReport:
     """Compare each candidate with the FP reference and write the report directory ``out``.
 
     Returns the report whatever the verdict (``report.passed``); raises QvlmError for bad input.
+    ``verify=False`` loads bundles, states and engines without checking their manifest hashes
+    (e.g. bundles edited on purpose by fault-injection tests); None: the process-wide setting.
     """
+    if verify is not None:
+        from ..manifest import verification
+
+        with verification(verify):
+            return validate(reference, candidates, out, config, reuse_reference, log, progress)
     config = config or ValidateConfig()
     log = log or _quiet
     if not candidates:

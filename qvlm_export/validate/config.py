@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 
 VALIDATE_CONFIG_VERSION = 1
@@ -69,12 +70,13 @@ class ValidateConfig:
 
 def validate_config_from_dict(raw: dict[str, Any] | None, source: str = "validate") -> ValidateConfig:
     """A config from a mapping (e.g. the ``validate:`` section of a run config), rejecting unknown keys."""
+    if raw is not None and not isinstance(raw, dict):
+        raise QvlmError(f"{source}: must be a mapping")
     raw = dict(raw or {})
     reject_unknown_keys(raw, ValidateConfig, source, hidden=frozenset({"version"}))
-    if "runners" in raw:
-        runners = raw["runners"]
-        raw["runners"] = tuple(runners.split(",") if isinstance(runners, str) else runners)
+    if isinstance(raw.get("runners"), str):
+        raw["runners"] = tuple(raw["runners"].split(","))
     try:
-        return ValidateConfig(**raw)
+        return ValidateConfig(**typed_fields(ValidateConfig, raw, source))
     except TypeError as exc:
         raise QvlmError(f"{source}: {exc}") from None

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QvlmError
-from ..manifest import build_manifest, hash_tree, sha256_file
-from ..runtime.bundle import BUNDLE_FILE, read_bundle
+from ..runtime.bundle import BUNDLE_FILE, read_bundle, refresh_bundle
 
 
 @dataclass(frozen=True)
@@ -180,21 +179,6 @@ FAULTS: tuple[Fault, ...] = (
 FAULTS_BY_NAME = {f.name: f for f in FAULTS}
 
 
-def rehash_bundle(bundle: Path) -> None:
-    """Rewrite bundle.json's graph hashes and manifest.json's outputs after an intentional edit."""
-    raw = json.loads((bundle / BUNDLE_FILE).read_text())
-    for graph in raw["graphs"].values():
-        graph["sha256"] = sha256_file(bundle / graph["file"])
-    (bundle / BUNDLE_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    manifest_path = bundle / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        manifest["outputs"] = hash_tree(bundle)
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    else:
-        (bundle / "manifest.json").write_text(json.dumps(build_manifest("onnx-bundle", {}, {}, bundle), indent=2))
-
-
 def inject(bundle: str | Path, fault: str | Fault, out: str | Path) -> str:
     """Copy ``bundle`` to ``out`` with ``fault`` applied (hashes rewritten); returns what was changed."""
     fault = FAULTS_BY_NAME[fault] if isinstance(fault, str) else fault
@@ -204,5 +188,5 @@ def inject(bundle: str | Path, fault: str | Fault, out: str | Path) -> str:
         shutil.rmtree(out)
     shutil.copytree(bundle, out)
     what = fault.apply(out)
-    rehash_bundle(out)
+    refresh_bundle(out)
     return what

@@ -155,6 +155,9 @@ def _task(raw: Any, where: str) -> dict[str, float]:
     unknown = sorted(set(raw) - set(TASK_KEYS))
     if unknown:
         raise QvlmError(f"{where}: unknown key {unknown[0]!r}; use {list(TASK_KEYS)}")
+    bad = [k for k, v in raw.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+    if bad:
+        raise QvlmError(f"{where}.{bad[0]}: must be a number, got {raw[bad[0]]!r}")
     return {k: float(v) for k, v in raw.items()}
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ...config_types import typed_fields
 from ...errors import QvlmError
 
 
@@ -62,11 +63,7 @@ def config_from_args(args: dict[str, Any], source: str = "method_args") -> QVLMC
     unknown = sorted(set(args) - names)
     if unknown:
         raise QvlmError(f"{source}: unknown Q-VLM option {unknown[0]!r}; allowed: {sorted(names)}")
-    values = dict(args)
-    for key in ("beta", "clip_grid"):
-        if key in values:
-            values[key] = tuple(float(v) for v in values[key])
-    cfg = QVLMConfig(**values)
+    cfg = QVLMConfig(**typed_fields(QVLMConfig, dict(args), source))  # lists become float tuples
     if not 0.0 <= cfg.p <= 1.0:
         raise QvlmError(f"{source}: p must be in [0, 1] (a normalised dependency), got {cfg.p}")
     if cfg.max_depth < 1:

@@ -1,0 +1,83 @@
+"""What makes ``run`` safe to repeat into one ``--out``: a lock, stale-temp cleanup, up-to-date stages.
+
+- One run per ``--out`` at a time: ``OUT/.lock`` is held with ``flock`` for the whole run. The
+  kernel drops it when the process dies, so a SIGKILLed run never blocks the next one.
+- A killed run leaves the temporary ``.<name>.*.partial`` directories of :func:`atomic_directory`
+  (its cleanup never ran); under the lock nobody else can be writing them, so they are removed.
+- A stage whose artifact in ``--out`` was made from the same resolved config and input hashes, and
+  whose files still match its manifest, is not redone (see :func:`manifest.artifact_up_to_date`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import QvlmError
+from .manifest import artifact_up_to_date
+
+LOCK_FILE = ".lock"
+# atomic_directory temps (out/X, out/stage/X, out/stage/setting/X) and atomic_write_text temps.
+STALE_PATTERNS = (".*.partial", "*/.*.partial", "*/*/.*.partial", ".*.tmp")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[Path]:
+    """Hold ``out/.lock`` exclusively for the block; a second run into ``out`` fails in one line."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise QvlmError(f"--out {str(out)!r} is in use by another qvlm-export run (pid {holder} holds {lock}); "
+                            "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temporaries an interrupted run left in ``out`` (call only while holding the lock)."""
+    removed = []
+    for pattern in STALE_PATTERNS:
+        for path in sorted(Path(out).glob(pattern)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def quant_state_current(model: str | None, recipe, calib: str, device: str | None, target: Path) -> bool:
+    """Is ``target`` the quant state ``search.api.quantize`` would write for these arguments?"""
+    import torch
+
+    from .load.model import resolve_model_path
+    from .search.api import ARTIFACT_KIND, calibration_samples, quantize_identity, resolve_device
+
+    if not (target / "manifest.json").is_file():
+        return False
+    samples = calibration_samples(calib, recipe.calibration)
+    config, inputs = quantize_identity(resolve_model_path(model), recipe, calib, samples, resolve_device(device))
+    return artifact_up_to_date(target, ARTIFACT_KIND, config, inputs, {"torch_threads": torch.get_num_threads()})
+
+
+def bundle_current(model: str | None, quant: Path | None, export_config, target: Path) -> bool:
+    """Is ``target`` the bundle ``export.api.export_bundle`` would write for these arguments?"""
+    from .export.api import BUNDLE_KIND, export_identity, export_model_path
+
+    if not (target / "manifest.json").is_file():
+        return False
+    config, inputs = export_identity(export_model_path(model, quant), quant, export_config)
+    return artifact_up_to_date(target, BUNDLE_KIND, config, inputs)
