@@ -54,6 +54,12 @@ def print_report(report: ValidationReport, out, report_dir: Path) -> None:
         for line in c.skipped:
             table.add_row(escape(c.name), c.setting, escape(line), "", "", "", "", "", "", "[yellow]skipped[/]")
     out.print(table)
+    for c in report.candidates:
+        verdicts = ", ".join(f"{k} {'[green]PASS[/]' if ok else '[red]FAIL[/]'}" for k, ok in c.verdicts().items())
+        fidelity = c.export_checks.get("fidelity")
+        out.print(f"{escape(c.name)}: {verdicts}" + (f" (fidelity {escape(fidelity)})" if fidelity else ""),
+                  highlight=False, soft_wrap=True)
+    out.print(f"quality bounds: {escape(report.thresholds.source)}", highlight=False, soft_wrap=True)
     failures = report.failures()
     for line in failures[:MAX_LINES]:
         out.print(f"[red]FAIL[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -144,6 +144,24 @@ def _layers_section(candidate: dict) -> str:
     return "".join(parts)
 
 
+VERDICT_QUESTIONS = {
+    "export": "the graphs compute their quant state (exact weights, metadata, fidelity to the simulated model)",
+    "quality": "the quantization is within its bounds against the FP reference",
+    "kernels": "ONNX Runtime's fused kernels stay within their drift bounds",
+}
+
+
+def _verdicts_section(c: dict) -> str:
+    verdicts = c.get("verdicts") or {}
+    checks = c.get("export_checks") or {}
+    rows = [[escape(k), escape(VERDICT_QUESTIONS[k]), _verdict(ok)] for k, ok in verdicts.items()
+            if k in VERDICT_QUESTIONS]
+    notes = [f"fidelity {escape(checks['fidelity'])}"] if checks.get("fidelity") else []
+    notes += [escape(line) for key in ("metadata", "weights", "runtime") for line in checks.get(key, [])]
+    listed = "".join(f"<li><code>{n}</code></li>" for n in notes)
+    return (_table(["verdict", "question", "result"], rows) if rows else "") + (f"<ul>{listed}</ul>" if listed else "")
+
+
 def _candidate(c: dict) -> str:
     skipped = "".join(f"<li>{escape(s)}</li>" for s in c["skipped"])
     setting = (f'setting <b>{escape(c["setting"].upper())}</b> ({"deployable" if c["deployable"] else "simulated only"}'
@@ -152,7 +170,7 @@ def _candidate(c: dict) -> str:
         f'<h2>{escape(c["name"])} {_verdict(c["passed"])}</h2>',
         f'<p>{setting}; method <code>{escape(str(c.get("method")))}</code>; bundle <code>{escape(c["bundle"])}</code></p>',
         f"<ul>{skipped}</ul>" if skipped else "",
-        _parity_section(c), _task_section(c), _layers_section(c),
+        _verdicts_section(c), _parity_section(c), _task_section(c), _layers_section(c),
     ])
 
 
