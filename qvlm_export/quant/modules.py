@@ -35,11 +35,42 @@ def component_of(name: str) -> str | None:
     return None
 
 
+def vision_feature_layers(config) -> list[int]:
+    """The vision hidden-state indices the projector reads (0: embeddings, k: output of layer k-1), absolute."""
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    n = config.vision_config.num_hidden_layers
+    return [k % (n + 1) for k in layers]
+
+
+def used_vision_layers(config) -> int:
+    """How many leading vision encoder layers feed the projector.
+
+    llava-hf's LLaVA-1.5 reads hidden state -2 (``vision_feature_layer: -2``): the last
+    encoder layer computes an output nothing reads, so it is neither calibrated,
+    quantized nor exported (the ONNX exporter drops it from the graph anyway).
+    """
+    return max(vision_feature_layers(config))
+
+
+def unused_layers(config) -> dict[str, str]:
+    """Unit name -> why it is left out, for every vision layer whose output feeds nothing."""
+    n, used = config.vision_config.num_hidden_layers, used_vision_layers(config)
+    why = (f"vision_feature_layer {config.vision_feature_layer!r} reads vision hidden state(s) "
+           f"{vision_feature_layers(config)} of {n}: this layer's output feeds nothing")
+    return {f"model.vision_tower.encoder.layers.{i}": why for i in range(used, n)}
+
+
+def in_unused_layer(name: str, unused: dict[str, str]) -> bool:
+    return any(name == unit or name.startswith(unit + ".") for unit in unused)
+
+
 def quantizable_linears(model: nn.Module, recipe: QuantRecipe) -> Iterator[tuple[str, nn.Linear]]:
-    """(name, Linear) of every Linear the recipe quantizes, in module order."""
+    """(name, Linear) of every Linear the recipe quantizes, in module order (unused vision layers excluded)."""
     enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
+    unused = unused_layers(model.config)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and component_of(name) in enabled:
+        if isinstance(module, nn.Linear) and component_of(name) in enabled and not in_unused_layer(name, unused):
             yield name, module
 
 
@@ -63,11 +94,13 @@ def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight)."""
 
-    def __init__(self, layer: LayerQuant, bias: torch.Tensor | None):
+    def __init__(self, layer: LayerQuant, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer = layer
-        self.register_buffer("weight", layer.dequantized_weight().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # The dequantized weight in the model's own dtype: forward casts it to the input's dtype
+        # anyway, and an fp32 buffer in an fp16/bf16 model would double the model's memory.
+        self.register_buffer("weight", layer.dequantized_weight().to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         input_scale = layer.input_scale if layer.input_scale is not None else torch.tensor(0.0)
         self.register_buffer("input_scale", input_scale.float().reshape(()))
         self.in_features, self.out_features = layer.weight_codes.shape[1], layer.weight_codes.shape[0]
@@ -98,5 +131,5 @@ def apply_quant_state(model: nn.Module, state: QuantState) -> nn.Module:
     apply_overrides(model, state.float_overrides)
     for name, layer in state.layers.items():
         linear = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear(layer, linear.bias))
+        set_submodule(model, name, QuantLinear(layer, linear.bias, linear.weight.dtype))
     return model

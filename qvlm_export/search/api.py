@@ -74,13 +74,34 @@ def _run(method, calibrator, progress: bool) -> QuantState:
                               progress=lambda name: bar.update(task, advance=1, description=name.rsplit(",")[-1]))
 
 
+def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progress: bool,
+                      checkpoint_dir) -> tuple[QuantState, list[Sample] | None]:
+    """The state and the samples it saw; data-free methods (weight-only RTN) read no data at all."""
+    from ..quant.calibrate import quantize_without_data
+
+    if getattr(method, "data_free", lambda: False)():
+        state = quantize_without_data(vlm, rec, method.weight_rule, device)
+        state.extras["calibration"] = {"data": None, "samples": 0, "device": device,
+                                       "why": "weight-only round-to-nearest reads no activations"}
+        return state, None
+    samples = calibration_samples(calib, rec.calibration)
+    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir), progress)
+    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
+    return state, samples
+
+
 def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
              calib: str | Path = "builtin:calib", out: str | Path = "quant", device: str | None = None,
-             progress: bool = True, checkpoint_dir: str | Path | None = None) -> Path:
-    """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``."""
+             progress: bool = True, checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Path:
+    """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``.
+
+    ``dtype`` (auto | fp32 | fp16 | bf16) is the dtype the model is loaded and calibrated
+    in; ``auto`` keeps the checkpoint's own, so a bf16 7B model holds 13.5 GB, not 27.
+    """
     import torch
 
-    from ..load.model import load_vlm
+    from ..load.model import load_vlm, resolve_model_path
+    from ..memory import QUANTIZE_FACTOR, require_memory, resolve_load_dtype
     from .registry import get_method
 
     rec = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
@@ -90,19 +111,22 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QvlmError(f"device {device!r} requested but CUDA is not available; pass --device cpu")
-    vlm = load_vlm(model, device=device)
-    samples = calibration_samples(calib, rec.calibration)
-    calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir)
+    path = resolve_model_path(model)
+    load_dtype = resolve_load_dtype(dtype, path)
+    require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
+    vlm = load_vlm(path, device=device, dtype=load_dtype)
     start = time.perf_counter()
-    state = _run(method, calibrator, progress)
-    seconds = time.perf_counter() - start
-    state.extras["search_seconds"] = round(seconds, 3)
-    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
+    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir)
+    state.extras["search_seconds"] = round(time.perf_counter() - start, 3)
+    state.extras["load_dtype"] = load_dtype
     state = state_to_cpu(state)
-    import torch
-
-    config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
-    inputs = {"model": digest(hash_tree(vlm.path)), "calibration": samples_digest(samples)}
+    n_samples = 0 if samples is None else len(samples)
+    config = {"recipe": rec.to_dict(), "calib": None if samples is None else str(calib),
+              "calibration_samples": n_samples, "device": device, "dtype": load_dtype}
+    inputs = {"model": digest(hash_tree(vlm.path))}
+    if samples is not None:
+        inputs["calibration"] = samples_digest(samples)
+    del vlm  # the state is all that is written; free the model before serialising it
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
