@@ -213,3 +213,22 @@ def test_stage_refuses_when_memory_cannot_hold_it(tiny_bundle, monkeypatch, caps
     monkeypatch.setattr(memory, "available_bytes", lambda: 1024)
     assert main(["quantize", "--recipe", "rtn-w4a16", "--model", str(model), "--out", "unused", "--no-progress"]) == 2
     assert "quantize needs about" in capsys.readouterr().err
+
+
+def test_block_weight_placement_gives_the_same_state(feature_layer_runs):
+    """The per-block onloading path (accelerators) on the host: same codes and scales as the plain walk."""
+    from qvlm_export.quant.calibrate import SequentialCalibrator
+    from qvlm_export.search.registry import get_method
+
+    model, _, _ = feature_layer_runs["minus2"]
+    recipe = _recipe("w8a8")
+    samples = load_dataset("builtin:calib:2")
+    states = []
+    for blocks in (False, True):
+        calibrator = SequentialCalibrator(load_vlm(model), samples, recipe, batch_size=2, device="cpu",
+                                          block_weights=blocks)
+        states.append(calibrator.run(get_method("rtn")(recipe).block))
+    assert sorted(states[0].layers) == sorted(states[1].layers)
+    for name, layer in states[0].layers.items():
+        other = states[1].layers[name]
+        assert torch.equal(layer.weight_codes, other.weight_codes) and torch.equal(layer.input_scale, other.input_scale)

@@ -41,6 +41,7 @@ from .modules import (
     used_vision_layers,
     vision_feature_layers,
 )
+from .placement import place_stem, release_block
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState
 
@@ -203,10 +204,15 @@ class SequentialCalibrator:
 
     def __init__(self, vlm: LoadedVLM, samples: Sequence[Sample], recipe: QuantRecipe,
                  batch_size: int = 16, device: str | None = None, offload: str = "cpu",
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None, block_weights: bool = False):
         self.vlm, self.recipe = vlm, recipe
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.offload = offload
+        # block_weights: the model was loaded on the host; only the stem and the current block
+        # live on the device (quant/placement.py). Off when a method's plan needs the whole model there.
+        self.block_weights = block_weights
+        if block_weights:
+            place_stem(vlm.model, self.device)
         self.batches = encode_batches(vlm, samples, batch_size)
         self.units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
         self.extras: dict[str, Any] = {}  # a method's plan() results, copied into the state's extras
@@ -294,6 +300,8 @@ class SequentialCalibrator:
                 else:
                     state.extras[key] = value
             q_x, fp_x = self._propagate(ctx, units, vision_hidden)
+            if self.block_weights:
+                state.layers.update(release_block(ctx.modules, ctx.layers, self.vlm.model, self.offload))
         return state
 
     def _replay(self, ctx: BlockContext, done: QuantState) -> None:
@@ -310,6 +318,8 @@ class SequentialCalibrator:
 
     def _context(self, units, q_x, fp_x, kw) -> BlockContext:
         modules = [self.vlm.model.get_submodule(u.name) for u in units]
+        if self.block_weights:
+            modules = [m.to(self.device) for m in modules]  # in place; release_block moves them back
         fp_modules = [copy.deepcopy(m).eval() for m in modules]
         for m in fp_modules:
             m.requires_grad_(False)

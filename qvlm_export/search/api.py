@@ -54,11 +54,18 @@ def state_to_cpu(state: QuantState) -> QuantState:
     return dataclasses.replace(state, layers=layers, float_overrides=overrides)
 
 
-def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None):
+def block_weights(method, device: str) -> bool:
+    """Keep only the current block's weights on an accelerator (not on the host, where it changes nothing;
+    not for methods whose plan runs the whole model, such as Q-VLM's Jacobian and entropy probes)."""
+    return device != "cpu" and not getattr(method, "whole_model_plan", False)
+
+
+def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None, blocks: bool):
     from ..quant.calibrate import SequentialCalibrator
 
     return SequentialCalibrator(vlm, samples, recipe, batch_size=recipe.calibration.batch_size, device=device,
-                                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir))
+                                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+                                block_weights=blocks)
 
 
 def _run(method, calibrator, progress: bool) -> QuantState:
@@ -85,8 +92,10 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
                                        "why": "weight-only round-to-nearest reads no activations"}
         return state, None
     samples = calibration_samples(calib, rec.calibration)
-    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir), progress)
-    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
+    blocks = block_weights(method, device)
+    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress)
+    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device,
+                                   "block_weights": blocks}
     return state, samples
 
 
@@ -114,7 +123,9 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     path = resolve_model_path(model)
     load_dtype = resolve_load_dtype(dtype, path)
     require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
-    vlm = load_vlm(path, device=device, dtype=load_dtype)
+    # per-block placement (and data-free methods) load on the host and move weights as they go
+    on_host = block_weights(method, device) or getattr(method, "data_free", lambda: False)()
+    vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
     start = time.perf_counter()
     state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir)
     state.extras["search_seconds"] = round(time.perf_counter() - start, 3)
