@@ -26,6 +26,7 @@ ARCHS = {
                         "layers": 28, "vocab": 152064, "feature_layer": -1, "text": "qwen2"},
 }
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+REPEATS = 3  # decode timing: best of
 
 
 def config(arch: str, vision_layers: int, text_layers: int):
@@ -138,15 +139,20 @@ def decode(bundle: Path, prompt: int, steps: int, threads: int) -> dict:
                  "position_ids": np.arange(start, total, dtype=np.int64)[None], **dict(zip(names, past))}
         return session.run(None, feeds)
 
-    t0 = time.perf_counter()
-    out = run(rng.standard_normal((1, prompt, hidden)).astype(dtype), prompt, 0, info.empty_past(1))
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(steps):
-        out = run(rng.standard_normal((1, 1, hidden)).astype(dtype), prompt + i + 1, prompt + i, out[1:])
-    seconds = time.perf_counter() - t0
-    record = {"load_seconds": round(load, 2), "prefill_seconds": round(prefill, 3),
-              "decode_tokens_per_s": round(steps / seconds, 3), "setting": info.setting}
+    # Best of REPEATS: the machine is shared, and contention only ever slows a run down.
+    prefills, decodes = [], []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        cache = run(rng.standard_normal((1, prompt, hidden)).astype(dtype), prompt, 0, info.empty_past(1))[1:]
+        prefills.append(time.perf_counter() - t0)
+        out = [None, *cache]
+        t0 = time.perf_counter()
+        for i in range(steps):
+            out = run(rng.standard_normal((1, 1, hidden)).astype(dtype), prompt + i + 1, prompt + i, out[1:])
+        decodes.append(time.perf_counter() - t0)
+    record = {"load_seconds": round(load, 2), "prefill_seconds": round(min(prefills), 3),
+              "decode_tokens_per_s": round(steps / min(decodes), 3), "setting": info.setting,
+              "decode_tokens_per_s_all": [round(steps / d, 3) for d in decodes]}
     record["optimized_ops"] = optimized_ops(info.graph_path("decoder"), threads)
     return record
 

@@ -9,6 +9,7 @@ and ``lm_head``. Embeddings and norms stay in floating point.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -92,18 +93,39 @@ def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight)."""
+    """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight).
+
+    The dequantized weight is computed when used (:attr:`weight`), not held: the integer
+    codes already hold it, and a float copy per quantized Linear, on top of the float
+    weight it replaces (still memory-mapped from the checkpoint), doubled calibration's
+    peak memory on a 7B-shaped model.
+    """
 
     def __init__(self, layer: LayerQuant, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer = layer
-        # The dequantized weight in the model's own dtype: forward casts it to the input's dtype
-        # anyway, and an fp32 buffer in an fp16/bf16 model would double the model's memory.
-        self.register_buffer("weight", layer.dequantized_weight().to(dtype))
+        self.weight_dtype = dtype  # the model's dtype: forward casts to the input's dtype anyway
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         input_scale = layer.input_scale if layer.input_scale is not None else torch.tensor(0.0)
         self.register_buffer("input_scale", input_scale.float().reshape(()))
         self.in_features, self.out_features = layer.weight_codes.shape[1], layer.weight_codes.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in the model's dtype (a fresh tensor on every access)."""
+        return self.layer.dequantized_weight().to(self.weight_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` / ``.half()`` reach the codes and the weight dtype, as they reached the old buffer."""
+        codes = self.layer.weight_codes
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=codes.device))
+        self.weight_dtype = probe.dtype
+        if probe.device != codes.device:
+            lq, move = self.layer, (lambda t: None if t is None else t.to(probe.device))
+            self.layer = dataclasses.replace(lq, weight_codes=move(lq.weight_codes), weight_scale=move(lq.weight_scale),
+                                             weight_zero_point=move(lq.weight_zero_point),
+                                             input_scale=move(lq.input_scale))
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.act_bits is not None and self.layer.input_scale is not None:

@@ -8,6 +8,7 @@ recipe -> method (registry) -> ``method.plan`` -> ``SequentialCalibrator.run(met
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     if samples is not None:
         inputs["calibration"] = samples_digest(samples)
     del vlm  # the state is all that is written; free the model before serialising it
+    gc.collect()  # (safetensors copies every tensor into bytes while saving)
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
