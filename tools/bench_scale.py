@@ -78,6 +78,30 @@ def run_depth(args, work: Path, depth: int) -> dict:
     return record
 
 
+def fp16_check(args, work: Path, depth: int) -> dict:
+    """The fp32 checkpoint re-saved in fp16 (as llava-hf ships it): W4A16 quantize in fp16 (``--dtype auto``)
+    and export to an fp16 graph (``--dtype auto``) with no fp32 copy; peak RSS against the fp16 model bytes."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    src, model = work / f"{args.arch}-d{depth}-fp32", work / f"{args.arch}-d{depth}-fp16"
+    if not (model / "config.json").is_file():
+        LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float16).save_pretrained(model)
+        AutoProcessor.from_pretrained(src).save_pretrained(model)
+    info = M.describe(model)
+    quant, bundle = work / f"q-{depth}-w4a16-fp16", work / f"b-{depth}-w4a16-fp16"
+    stages = {
+        "quantize w4a16 fp16": measured(cli("quantize", "--recipe", str(recipe_file(work, "w4a16", 1)), "--model",
+                                            str(model), "--out", str(quant), "--device", "cpu", "--no-progress"),
+                                        work / "quantize-fp16.log"),
+        "export w4a16 fp16": measured(cli("export", "--model", str(model), "--quant", str(quant), "--out", str(bundle),
+                                          "--dtype", "auto"), work / "export-fp16.log"),
+    }
+    for row in stages.values():
+        row["peak_over_model"] = round(row["peak_rss"] / info["bytes"], 2)
+    return {"model": info, "stages": stages, "graphs": M.graph_bytes(bundle)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="llava-1.5-7b", choices=sorted(M.ARCHS))
@@ -91,8 +115,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"))
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"))
+    parser.add_argument("--fp16-only", action="store_true",
+                        help="only the fp16-checkpoint check at the deeper depth (needs the fp32 model of a full run)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.fp16_only:
+        result = fp16_check(args, args.work, args.depths[1])
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        for name, row in result["stages"].items():
+            print(f"{name:<22}{row['seconds']:>8.1f} s{row['peak_rss'] / 1e9:>8.2f} GB peak "
+                  f"{row['peak_over_model']:>6.2f}x the {result['model']['bytes'] / 1e9:.2f} GB fp16 model")
+        print(f"wrote {args.json}")
+        return
     start = time.time()
     runs = [run_depth(args, args.work, d) for d in args.depths]
     report = M.summarise(args, runs)
