@@ -48,7 +48,8 @@ def _model_difference(quant: Path | None, model_path: Path) -> str:
     here = digest(hash_tree(model_path))
     if recorded == here:
         return f"yet the state records this very model (digest {here[:12]}): the state was edited after quantize"
-    return f"the state was made for a model with digest {str(recorded)[:12]}, this one is {here[:12]}"
+    return (f"the state was made for a model with digest {str(recorded)[:12]}, this one is {here[:12]}: "
+            "pass the --model the state was made for")
 
 
 def check_state_fits(model, state, model_path: Path, quant: Path | None = None) -> None:
@@ -183,9 +184,11 @@ def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO
         del traced  # the proto (small path) or the scratch files (large path) now hold the weights
         run_passes(model, ctx, DEFAULT_PASSES, spec.name)
         if ctx.store is not None:
-            ctx.store.close()
+            ctx.store.close()  # flushed before save_graph reads lowered.data back
         save_graph(model, path, scratch)
     finally:
+        if ctx.store is not None:
+            ctx.store.close()  # idempotent; also on a failed pass
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     total = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_type != TensorProto.UNDEFINED)
