@@ -64,12 +64,17 @@ def quant_state_current(model: str | None, recipe, calib: str, device: str | Non
     import torch
 
     from .load.model import resolve_model_path
+    from .memory import resolve_load_dtype
     from .search.api import ARTIFACT_KIND, calibration_samples, quantize_identity, resolve_device
+    from .search.registry import get_method
 
     if not (target / "manifest.json").is_file():
         return False
-    samples = calibration_samples(calib, recipe.calibration)
-    config, inputs = quantize_identity(resolve_model_path(model), recipe, calib, samples, resolve_device(device))
+    path = resolve_model_path(model)
+    data_free = getattr(get_method(recipe.method)(recipe), "data_free", lambda: False)()
+    samples = None if data_free else calibration_samples(calib, recipe.calibration)
+    config, inputs = quantize_identity(path, recipe, calib, samples, resolve_device(device),
+                                       resolve_load_dtype("auto", path))
     return artifact_up_to_date(target, ARTIFACT_KIND, config, inputs, {"torch_threads": torch.get_num_threads()})
 
 

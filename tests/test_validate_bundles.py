@@ -97,9 +97,12 @@ def test_broken_weight_scale_exits_1_naming_the_graph(bundles, good_report, caps
                      "--reuse-reference", str(good_report[1] / "polygraphy"))
     err = capsys.readouterr().err
     assert code == 1
-    assert "parity failed: broken [w8a8]: graph 'decoder' output" in err and "(faithful vs reference)" in err
+    # The export fault is named first (the weight that differs from the quant state), then what it costs.
+    assert "parity failed: broken [w8a8]: export: layer 'model.language_model.layers." in err
+    assert "weight scale differs from the quant state" in err and "(faithful vs reference)" in err
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False
+    assert report["candidates"][0]["verdicts"] == {"export": False, "quality": False, "kernels": True}
     failing = [f for f in report["failures"] if "vs reference" in f]
     assert failing and all("graph 'decoder'" in f for f in failing)  # vision and embed are untouched
     logits = next(o for g in report["candidates"][0]["graphs"] for o in g["outputs"]

@@ -15,7 +15,8 @@ def export_command(
     model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: the model the "
                                                    "quant state records, else the embedded model)")] = None,
     quant: Annotated[str | None, typer.Option(help="quant-state directory (default: the FP reference bundle)")] = None,
-    dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT)")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT) | auto (fp16 for "
+                                            "fp16/bf16 checkpoints, loaded without an fp32 copy)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
     no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
@@ -27,7 +28,7 @@ def export_command(
     from ..export.api import export_bundle
     from ..export.config import ExportConfig
 
-    path = export_bundle(model=model, quant=quant, out=out, config=ExportConfig(dtype=dtype, opset=opset),
+    path = export_bundle(model=model, quant=quant, out=out, dtype=dtype, config=ExportConfig(opset=opset),
                          log=lambda line: typer.echo(line, err=True))
     bundle = json.loads((Path(path) / "bundle.json").read_text())
     sizes = ", ".join(f"{g} {d['weight_bytes']['total'] / 1e6:.2f} MB" for g, d in sorted(bundle["graphs"].items()))

@@ -18,6 +18,7 @@ def quantize_command(
     device: Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda when available)")] = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="resume/checkpoint directory for long searches")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar per block")] = True,
+    dtype: Annotated[str, typer.Option(help="load/calibration dtype: auto (the checkpoint's) | fp32 | fp16 | bf16")] = "auto",
 ) -> None:
     """Quantize with RTN, SmoothQuant, AWQ, GPTQ or Q-VLM; evaluate the result with 'eval --quant'."""
     import json
@@ -26,7 +27,7 @@ def quantize_command(
     from ..search.api import quantize
 
     path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
-                    checkpoint_dir=checkpoint_dir)
+                    checkpoint_dir=checkpoint_dir, dtype=dtype)
     meta = json.loads((Path(path) / "state.json").read_text())
     seconds = json.loads((Path(path) / "manifest.json").read_text()).get("search_seconds", 0)
     kind = "deployable" if meta["deployable"] else "simulated only"

@@ -19,7 +19,6 @@ from ..runtime.bundle import BundleInfo, GraphIO, ModelSpec, write_bundle_json
 from .config import ExportConfig
 
 BUNDLE_KIND = "onnx-bundle"
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with margin for the graph itself
 
 
 def check_exportable(state) -> None:
@@ -38,15 +37,50 @@ def check_exportable(state) -> None:
                         "use 8-bit activations or none")
 
 
-def check_state_fits(model, state, model_path: Path) -> None:
-    """Every quantized layer exists in ``model`` with the state's shape (else a state for another model)."""
+def _model_difference(quant: Path | None, model_path: Path) -> str:
+    """What tells the state's model from ``model_path``: the content digest the state recorded, if any."""
+    import json
+
+    manifest = None if quant is None else Path(quant) / "manifest.json"
+    if manifest is None or not manifest.is_file():
+        return "the state has no manifest to compare model digests"
+    recorded = json.loads(manifest.read_text()).get("inputs", {}).get("model")
+    here = digest(hash_tree(model_path))
+    if recorded == here:
+        return f"yet the state records this very model (digest {here[:12]}): the state was edited after quantize"
+    return (f"the state was made for a model with digest {str(recorded)[:12]}, this one is {here[:12]}: "
+            "pass the --model the state was made for")
+
+
+def check_state_fits(model, state, model_path: Path, quant: Path | None = None) -> None:
+    """Every quantized layer exists in ``model`` with the state's shape (else a state for another model).
+
+    The error names the first layer that differs, how, and whether the model's content
+    digest differs from the one the state recorded, so the user can tell "wrong --model"
+    apart from "same model, incompatible state".
+    """
     modules = dict(model.named_modules())
     for name, lq in sorted(state.layers.items()):
         weight = getattr(modules.get(name), "weight", None)
         if weight is None or tuple(weight.shape) != tuple(lq.weight_codes.shape):
             found = "missing" if weight is None else f"shape {list(weight.shape)}"
             raise QvlmError(f"the quant state's layer {name!r} ({list(lq.weight_codes.shape)}) is {found} in "
-                            f"{str(model_path)!r}; pass the --model the state was made for")
+                            f"{str(model_path)!r}; {_model_difference(quant, model_path)}")
+
+
+def drop_unused_layers(model, state) -> dict[str, str]:
+    """Remove from ``state`` the layers no graph contains (vision layers past ``vision_feature_layer``).
+
+    States written before the calibrator skipped those layers quantized them; their
+    output feeds nothing, so leaving them out changes no output. Returns name -> why.
+    """
+    from ..quant.modules import in_unused_layer, unused_layers
+
+    unused = unused_layers(model.config)
+    dropped = {name: next(iter(unused.values())) for name in state.layers if in_unused_layer(name, unused)}
+    for name in dropped:
+        del state.layers[name]
+    return dropped
 
 
 def _linear_names(model) -> list[str]:
@@ -57,9 +91,27 @@ def _linear_names(model) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear | QuantLinear)]
 
 
-def prepare_model(model: str | Path | None, quant: str | Path | None, config: ExportConfig):
-    """(loaded VLM with simulated weights and marked Linears in the export dtype, quant state or None)."""
-    from ..load.model import load_vlm
+def resolve_export_dtype(dtype: str, model_dir: Path) -> str:
+    """Graph dtype: fp32 | fp16, or ``auto``: fp16 for fp16/bf16 checkpoints (no fp32 detour), else fp32."""
+    from ..memory import resolve_load_dtype
+
+    if dtype == "auto":
+        return "fp32" if resolve_load_dtype("auto", model_dir) == "fp32" else "fp16"
+    if dtype == "bf16":
+        raise QvlmError("bf16 graphs are not exported (ONNX Runtime CPU has no bf16 MatMul); use --dtype fp16 "
+                        "(TensorRT) or fp32, or auto")
+    return dtype
+
+
+def prepare_model(model: str | Path | None, quant: str | Path | None, config: ExportConfig,
+                  log: Callable[[str], None] | None = None):
+    """(loaded VLM with simulated weights and marked Linears in the export dtype, quant state or None).
+
+    The model is loaded directly in the graph dtype and every edit below reuses its
+    storage (MarkedLinear shares the weight), so the stage holds one copy of the model.
+    """
+    from ..load.model import load_vlm, resolve_model_path
+    from ..memory import EXPORT_FACTOR, require_memory
     from ..quant.modules import apply_quant_state
     from ..quant.state import load_state
     from .qlinear import mark_linears
@@ -67,14 +119,17 @@ def prepare_model(model: str | Path | None, quant: str | Path | None, config: Ex
     state = load_state(Path(quant)) if quant is not None else None
     if state is not None:
         check_exportable(state)
-    vlm = load_vlm(model if model is not None else (state.model_path if state is not None else None))
+    path = resolve_model_path(model if model is not None else (state.model_path if state is not None else None))
+    require_memory("export", path, config.dtype, EXPORT_FACTOR)
+    vlm = load_vlm(path, dtype=config.dtype)
     if state is not None:
-        check_state_fits(vlm.model, state, vlm.path)
+        dropped = drop_unused_layers(vlm.model, state)
+        if dropped and log:
+            log(f"left out {len(dropped)} quantized layers no graph contains ({next(iter(dropped.values()))})")
+        check_state_fits(vlm.model, state, vlm.path, None if quant is None else Path(quant))
         apply_quant_state(vlm.model, state)
     vlm.model.set_attn_implementation(config.attn_implementation)
     mark_linears(vlm.model, _linear_names(vlm.model))
-    if config.dtype == "fp16":
-        vlm.model.half()
     return vlm, state
 
 
@@ -106,29 +161,51 @@ def quant_summary(state, quant: str | Path | None) -> dict[str, Any]:
             "layers": len(state.layers), "state_sha256": digest(hash_tree(Path(quant)))}
 
 
-def save_graph(model, path: Path) -> None:
-    """Write one graph (weights in a side file when protobuf's 2 GB limit needs it) and check it fully."""
-    import onnx
+def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO, int]:
+    """Trace, lower and save one graph (:mod:`.save` picks one file or external data); (I/O, float bytes)."""
+    import shutil
 
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{path.name}.data", size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
+    from onnx import TensorProto
+
+    from .passes import DEFAULT_PASSES, run_passes
+    from .qlinear import translation_table
+    from .save import initializer_bytes, save_graph, stream_to_scratch, to_proto
+    from .trace import trace_graph
+
+    traced = trace_graph(spec, config, translation_table())
+    traced_bytes = initializer_bytes(traced)
+    scratch = out_dir / f".{spec.name}-scratch" if traced_bytes > config.external_data_bytes else None
+    path = out_dir / f"{spec.name}.onnx"
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise QvlmError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        if scratch is None:
+            model = to_proto(traced)
+        else:
+            model, ctx.store = stream_to_scratch(traced, scratch)
+            ctx.base_dir = str(scratch)
+        del traced  # the proto (small path) or the scratch files (large path) now hold the weights
+        run_passes(model, ctx, DEFAULT_PASSES, spec.name)
+        if ctx.store is not None:
+            ctx.store.close()  # flushed before save_graph reads lowered.data back
+        save_graph(model, path, scratch)
+    finally:
+        if ctx.store is not None:
+            ctx.store.close()  # idempotent; also on a failed pass
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    total = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_type != TensorProto.UNDEFINED)
+    data = path.with_name(f"{path.name}.data")
+    io = GraphIO(file=path.name, inputs=tuple(spec.input_names), outputs=tuple(spec.output_names),
+                 sha256=sha256_file(path), weight_bytes={"total": total, "linear": ctx.linear_bytes,
+                                                         "linear_fp16": ctx.linear_fp16_bytes},
+                 **({"data_file": data.name, "data_sha256": sha256_file(data)} if data.is_file() else {}))
+    return io, traced_bytes
 
 
 def export_graphs(vlm, state, config: ExportConfig, out_dir: Path,
                   log: Callable[[str], None] | None = None) -> dict[str, GraphIO]:
     """Trace, lower and save the three graphs; returns their I/O and weight bytes."""
-    from onnx import TensorProto
-
-    from .passes import DEFAULT_PASSES, PassContext, run_passes
-    from .qlinear import translation_table
-    from .trace import graph_specs, trace_graph
+    from .passes import PassContext
+    from .trace import graph_specs
 
     float_dtype = np.dtype(np.float16 if config.dtype == "fp16" else np.float32)
     layers = dict(state.layers) if state is not None else {}
@@ -136,21 +213,15 @@ def export_graphs(vlm, state, config: ExportConfig, out_dir: Path,
     for spec in graph_specs(vlm.model, config):
         if log:
             log(f"exporting {spec.name}")
-        model = trace_graph(spec, config, translation_table())
         ctx = PassContext(float_dtype, layers)
-        run_passes(model, ctx, DEFAULT_PASSES, spec.name)
+        graphs[spec.name], _ = _export_one(spec, config, ctx, out_dir)
         lowered |= set(ctx.lowered)
-        path = out_dir / f"{spec.name}.onnx"
-        save_graph(model, path)
-        total = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_type != TensorProto.UNDEFINED)
-        graphs[spec.name] = GraphIO(file=path.name, inputs=tuple(spec.input_names), outputs=tuple(spec.output_names),
-                                    sha256=sha256_file(path),
-                                    weight_bytes={"total": total, "linear": ctx.linear_bytes,
-                                                  "linear_fp16": ctx.linear_fp16_bytes})
     missing = sorted(set(layers) - lowered)
     if missing:
-        raise QvlmError(f"quant-state layer {missing[0]!r} (and {len(missing) - 1} more) is in none of the exported "
-                        "graphs; the state was made for another model")
+        # Not "another model": check_state_fits proved every layer exists with its shape.
+        raise QvlmError(f"quant-state layer {missing[0]!r} (and {len(missing) - 1} more) exists in the model but "
+                        "in none of the traced graphs (the exporter dropped it as dead code); this is an exporter "
+                        "bug, please report it with the model's config.json")
     return graphs
 
 
@@ -192,10 +263,16 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
     """
     import dataclasses
 
+    from ..load.model import resolve_model_path
+    from ..quant.state import load_state
+
     config = config or ExportConfig()
     if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
-    vlm, state = prepare_model(model, quant, config)
+        if dtype == "auto":  # resolved here so the manifest records the dtype actually exported
+            source = model if model is not None or quant is None else load_state(Path(quant)).model_path
+            dtype = resolve_export_dtype(dtype, resolve_model_path(source))
+        config = dataclasses.replace(config, dtype=resolve_export_dtype(dtype, Path(".")))
+    vlm, state = prepare_model(model, quant, config, log)
     spec = model_spec(vlm)
     with atomic_directory(Path(out)) as tmp:
         graphs = export_graphs(vlm, state, config, tmp, log)

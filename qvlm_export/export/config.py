@@ -9,7 +9,7 @@ from typing import Any
 from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 
-EXPORT_CONFIG_VERSION = 1
+EXPORT_CONFIG_VERSION = 2  # 2: external_data_bytes
 DTYPES = ("fp32", "fp16")
 
 
@@ -29,6 +29,10 @@ class ExportConfig:
     example_seq: int = 3
     example_past: int = 4
     attn_implementation: str = "eager"  # softmax stays an explicit float op, as TensorRT wants
+    # A graph whose traced weights exceed this many bytes is written as ONNX external data
+    # (<graph>.onnx.data) without ever building one protobuf: protobuf stops at 2 GB, and the
+    # in-memory proto would be a second copy of the weights. Tests lower it to exercise the path.
+    external_data_bytes: int = 1_000_000_000
     version: int = EXPORT_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -36,6 +40,8 @@ class ExportConfig:
             raise QvlmError(f"export dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.opset < 21:
             raise QvlmError(f"export needs opset >= 21 (int4 weights and blocked DequantizeLinear), got {self.opset}")
+        if self.external_data_bytes < 0:
+            raise QvlmError(f"external_data_bytes must be >= 0, got {self.external_data_bytes}")
         if min(self.example_batch, self.example_seq, self.example_past) < 2:
             raise QvlmError("export example sizes must be >= 2 so torch.export keeps those axes dynamic")
 

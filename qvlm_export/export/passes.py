@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,6 +43,8 @@ class PassContext:
     linear_bytes: int = 0  # bytes of Linear weights as stored (codes + scales, or float)
     linear_fp16_bytes: int = 0  # the same weights in fp16
     lowered: list[str] = field(default_factory=list)
+    base_dir: str = ""  # where the graph's external data lives (large graphs, see .save)
+    store: Any = None  # an .save.ExternalStore: new tensors go to its file, not into the proto
 
 
 GraphPass = Callable[[onnx.ModelProto, PassContext], None]
@@ -147,11 +150,14 @@ def lower_linears(model: onnx.ModelProto, ctx: PassContext) -> None:
         layer = layer.decode() if isinstance(layer, bytes) else layer
         if node.input[1] not in inits:
             raise PassError(f"layer {layer!r}: weight {node.input[1]!r} is not a constant initializer")
-        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = numpy_helper.to_array(inits[node.input[1]], base_dir=ctx.base_dir)
         if weight.dtype != ctx.float_dtype or weight.ndim != 2:
             raise PassError(f"layer {layer!r}: weight is {weight.dtype}{list(weight.shape)}, expected a 2-D "
                             f"{ctx.float_dtype} tensor")
         nodes, new_inits = _lower_one(node, weight, layer, ctx)
+        del weight  # large graphs: one traced weight in memory at a time
+        if ctx.store is not None:
+            new_inits = [ctx.store.offload(t) for t in new_inits]
         new_nodes += nodes
         graph.initializer.extend(new_inits)
         ctx.lowered.append(layer)

@@ -69,8 +69,10 @@ class MarkedLinear(nn.Module):
     def __init__(self, layer: str, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.layer = layer
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # Shares the replaced module's storage (no clone): the exporter's model is its own,
+        # and a copy per Linear would hold a second model's worth of weights.
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.qvlm_export.qlinear(x, self.weight.to(x.dtype), self.layer)

@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
@@ -73,8 +72,13 @@ def graph_specs(model: nn.Module, config: ExportConfig) -> list[GraphSpec]:
     return [vision, embed, decoder]
 
 
-def trace_graph(spec: GraphSpec, config: ExportConfig, translation: dict | None = None) -> onnx.ModelProto:
-    """Export one wrapper; exporter chatter is captured and shown only when the export fails."""
+def trace_graph(spec: GraphSpec, config: ExportConfig, translation: dict | None = None):
+    """Export one wrapper to an ``onnx_ir.Model`` whose initializers still share the torch parameters' memory.
+
+    Exporter chatter is captured and shown only when the export fails. The caller decides
+    how to serialise it (:mod:`.save`): asking the exporter for a ``ModelProto`` would copy
+    every weight into one protobuf, which cannot exceed 2 GB.
+    """
     log = io.StringIO()
     # The exporter logs one warning per missing torchvision op on every call, through a
     # handler bound before stderr is redirected; only errors concern the user.
@@ -91,4 +95,4 @@ def trace_graph(spec: GraphSpec, config: ExportConfig, translation: dict | None 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QvlmError(f"torch.onnx.export of the {spec.name} graph failed: {first[:300]} "
                         f"(architecture not supported by the {spec.name} wrapper?)") from exc
-    return program.model_proto
+    return program.model

@@ -52,8 +52,15 @@ class LoadedVLM:
         return self.processor.tokenizer
 
 
-def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedVLM:
-    """Load processor and model through AutoProcessor / LlavaForConditionalGeneration."""
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = "fp32") -> LoadedVLM:
+    """Load processor and model through AutoProcessor / LlavaForConditionalGeneration.
+
+    ``dtype``: fp32 | fp16 | bf16 (or a torch dtype name). Loading straight into the dtype
+    a stage computes in avoids a converted second copy of every weight.
+    """
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -63,7 +70,7 @@ def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = 
     hf_logging.disable_progress_bar()
     try:
         processor = AutoProcessor.from_pretrained(path)
-        vlm = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        vlm = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES.get(dtype, dtype)))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QvlmError(f"could not load the model in {str(path)!r}: {first}") from None

@@ -32,7 +32,16 @@ from torch import nn
 from ..data.synthetic import Sample
 from ..load.model import LoadedVLM, build_prompt
 from .checkpoint import BlockCheckpoint, run_fingerprint
-from .modules import QuantLinear, apply_overrides, component_of, set_submodule
+from .modules import (
+    QuantLinear,
+    apply_overrides,
+    component_of,
+    set_submodule,
+    unused_layers,
+    used_vision_layers,
+    vision_feature_layers,
+)
+from .placement import place_stem, release_block
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState
 
@@ -47,14 +56,50 @@ class Unit:
 
 
 def model_units(model: nn.Module, include_lm_head: bool = False) -> list[Unit]:
-    inner = model.model
+    """The calibration walk; vision layers past the last one the projector reads are not units (see
+    :func:`.modules.unused_layers`): calibrating them would quantize layers no exported graph contains."""
     units = [Unit(f"model.vision_tower.encoder.layers.{i}", "vision", i)
-             for i in range(len(inner.vision_tower.encoder.layers))]
+             for i in range(used_vision_layers(model.config))]
     units.append(Unit("model.multi_modal_projector", "projector", 0))
-    units += [Unit(f"model.language_model.layers.{i}", "decoder", i) for i in range(len(inner.language_model.layers))]
+    units += [Unit(f"model.language_model.layers.{i}", "decoder", i) for i in range(len(model.model.language_model.layers))]
     if include_lm_head:
         units.append(Unit("lm_head", "lm_head", 0))
     return units
+
+
+def unit_linears(units: Sequence[Unit], modules: Sequence[nn.Module], recipe: QuantRecipe) -> list[tuple[str, nn.Linear]]:
+    """The Linears of ``units`` (live ``modules``) the recipe quantizes, with full model names, in order."""
+    enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
+    out = []
+    for unit, mod in zip(units, modules):
+        if unit.kind == "lm_head":
+            if isinstance(mod, nn.Linear) and "lm_head" in enabled:
+                out.append((unit.name, mod))
+            continue
+        for sub, m in mod.named_modules():
+            full = f"{unit.name}.{sub}" if sub else unit.name
+            if isinstance(m, nn.Linear) and component_of(full) in enabled:
+                out.append((full, m))
+    return out
+
+
+def quantize_without_data(vlm: LoadedVLM, recipe: QuantRecipe,
+                          rule: Callable[[str, torch.Tensor], LayerQuant], device: str = "cpu") -> QuantState:
+    """A state from a data-free weight rule (weight-only RTN): no dataset, no forward pass.
+
+    Covers exactly the Linears the calibrated walk would (same units, same recipe
+    components); ``rule(name, weight)`` sees one weight on ``device`` at a time; the model is not modified.
+    """
+    units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
+    modules = [vlm.model.get_submodule(u.name) for u in units]
+    layers = {}
+    for name, linear in unit_linears(units, modules, recipe):
+        layer = rule(name, linear.weight.detach().to(device))  # one weight on the device at a time
+        layers[name] = dataclasses.replace(
+            layer, weight_codes=layer.weight_codes.cpu(), weight_scale=layer.weight_scale.cpu(),
+            weight_zero_point=layer.weight_zero_point.cpu())
+    extras = {"left_out": unused_layers(vlm.model.config)}
+    return QuantState(recipe=recipe, layers=layers, model_path=str(vlm.path), extras=extras)
 
 
 class _Stop(Exception):
@@ -87,10 +132,7 @@ def select_image_features(config, layer_outputs: dict[int, torch.Tensor]) -> tor
 
     ``layer_outputs[k]`` is ``hidden_states[k]`` of the vision tower (k=0: embeddings).
     """
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    n = config.vision_config.num_hidden_layers
-    picked = [layer_outputs[k % (n + 1)] for k in layers]
+    picked = [layer_outputs[k] for k in vision_feature_layers(config)]
     if config.vision_feature_select_strategy == "default":
         picked = [h[:, 1:] for h in picked]
     return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
@@ -109,7 +151,8 @@ def encode_batches(vlm: LoadedVLM, samples: Sequence[Sample], batch_size: int) -
         chunk = samples[start:start + batch_size]
         enc = vlm.processor(images=[s.image for s in chunk], text=[build_prompt(vlm.processor, s.question) for s in chunk],
                             return_tensors="pt", padding=True)
-        batches.append(CalibBatch(enc["input_ids"], enc["attention_mask"], enc["pixel_values"]))
+        # pixels in the model's dtype: a bf16/fp16 model (loaded in its own dtype) rejects fp32 inputs
+        batches.append(CalibBatch(enc["input_ids"], enc["attention_mask"], enc["pixel_values"].to(vlm.model.dtype)))
     return batches
 
 
@@ -138,23 +181,12 @@ class BlockContext:
 
     def linears(self) -> list[tuple[str, nn.Linear]]:
         """Quantizable Linears of the block with full model names, in module order."""
-        enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(self.recipe.modules, c)}
-        out = []
-        for unit, mod in zip(self.units, self.modules):
-            if unit.kind == "lm_head":
-                if isinstance(mod, nn.Linear) and "lm_head" in enabled:
-                    out.append((unit.name, mod))
-                continue
-            for sub, m in mod.named_modules():
-                full = f"{unit.name}.{sub}" if sub else unit.name
-                if isinstance(m, nn.Linear) and component_of(full) in enabled:
-                    out.append((full, m))
-        return out
+        return unit_linears(self.units, self.modules, self.recipe)
 
     def replace_linear(self, name: str, layer: LayerQuant) -> None:
         """Swap the live Linear ``name`` for its simulated quantized version."""
         old = self.root.get_submodule(name)
-        new = QuantLinear(layer, old.bias)
+        new = QuantLinear(layer, old.bias, old.weight.dtype)
         set_submodule(self.root, name, new)
         self.modules = [new if u.name == name else m for u, m in zip(self.units, self.modules)]
         self.layers[name] = layer
@@ -172,10 +204,15 @@ class SequentialCalibrator:
 
     def __init__(self, vlm: LoadedVLM, samples: Sequence[Sample], recipe: QuantRecipe,
                  batch_size: int = 16, device: str | None = None, offload: str = "cpu",
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None, block_weights: bool = False):
         self.vlm, self.recipe = vlm, recipe
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.offload = offload
+        # block_weights: the model was loaded on the host; only the stem and the current block
+        # live on the device (quant/placement.py). Off when a method's plan needs the whole model there.
+        self.block_weights = block_weights
+        if block_weights:
+            place_stem(vlm.model, self.device)
         self.batches = encode_batches(vlm, samples, batch_size)
         self.units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
         self.extras: dict[str, Any] = {}  # a method's plan() results, copied into the state's extras
@@ -220,6 +257,7 @@ class SequentialCalibrator:
         checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else self.checkpoint_dir
         state = QuantState(recipe=self.recipe, layers={}, model_path=str(self.vlm.path),
                            extras=copy.deepcopy(self.extras))
+        state.extras["left_out"] = unused_layers(self.vlm.model.config)
         ckpt = None
         if checkpoint_dir is not None:
             inputs = [t for b in self.batches for t in (b.input_ids, b.attention_mask, b.pixel_values)]
@@ -262,6 +300,8 @@ class SequentialCalibrator:
                 else:
                     state.extras[key] = value
             q_x, fp_x = self._propagate(ctx, units, vision_hidden)
+            if self.block_weights:
+                state.layers.update(release_block(ctx.modules, ctx.layers, self.vlm.model, self.offload))
         return state
 
     def _replay(self, ctx: BlockContext, done: QuantState) -> None:
@@ -278,6 +318,8 @@ class SequentialCalibrator:
 
     def _context(self, units, q_x, fp_x, kw) -> BlockContext:
         modules = [self.vlm.model.get_submodule(u.name) for u in units]
+        if self.block_weights:
+            modules = [m.to(self.device) for m in modules]  # in place; release_block moves them back
         fp_modules = [copy.deepcopy(m).eval() for m in modules]
         for m in fp_modules:
             m.requires_grad_(False)
@@ -303,10 +345,7 @@ class SequentialCalibrator:
         return q_out, fp_out
 
     def _wanted_vision_layers(self) -> set[int]:
-        cfg = self.vlm.model.config
-        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
-        n = cfg.vision_config.num_hidden_layers
-        return {k % (n + 1) for k in layers}
+        return set(vision_feature_layers(self.vlm.model.config))
 
     def _drop_unused_vision(self, vision_hidden) -> None:
         keep = self._wanted_vision_layers()

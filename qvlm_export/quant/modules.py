@@ -9,6 +9,7 @@ and ``lm_head``. Embeddings and norms stay in floating point.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -35,11 +36,42 @@ def component_of(name: str) -> str | None:
     return None
 
 
+def vision_feature_layers(config) -> list[int]:
+    """The vision hidden-state indices the projector reads (0: embeddings, k: output of layer k-1), absolute."""
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    n = config.vision_config.num_hidden_layers
+    return [k % (n + 1) for k in layers]
+
+
+def used_vision_layers(config) -> int:
+    """How many leading vision encoder layers feed the projector.
+
+    llava-hf's LLaVA-1.5 reads hidden state -2 (``vision_feature_layer: -2``): the last
+    encoder layer computes an output nothing reads, so it is neither calibrated,
+    quantized nor exported (the ONNX exporter drops it from the graph anyway).
+    """
+    return max(vision_feature_layers(config))
+
+
+def unused_layers(config) -> dict[str, str]:
+    """Unit name -> why it is left out, for every vision layer whose output feeds nothing."""
+    n, used = config.vision_config.num_hidden_layers, used_vision_layers(config)
+    why = (f"vision_feature_layer {config.vision_feature_layer!r} reads vision hidden state(s) "
+           f"{vision_feature_layers(config)} of {n}: this layer's output feeds nothing")
+    return {f"model.vision_tower.encoder.layers.{i}": why for i in range(used, n)}
+
+
+def in_unused_layer(name: str, unused: dict[str, str]) -> bool:
+    return any(name == unit or name.startswith(unit + ".") for unit in unused)
+
+
 def quantizable_linears(model: nn.Module, recipe: QuantRecipe) -> Iterator[tuple[str, nn.Linear]]:
-    """(name, Linear) of every Linear the recipe quantizes, in module order."""
+    """(name, Linear) of every Linear the recipe quantizes, in module order (unused vision layers excluded)."""
     enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
+    unused = unused_layers(model.config)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and component_of(name) in enabled:
+        if isinstance(module, nn.Linear) and component_of(name) in enabled and not in_unused_layer(name, unused):
             yield name, module
 
 
@@ -61,16 +93,39 @@ def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight)."""
+    """A Linear computing exactly what its QDQ graph computes (fake-quant input, dequantized weight).
 
-    def __init__(self, layer: LayerQuant, bias: torch.Tensor | None):
+    The dequantized weight is computed when used (:attr:`weight`), not held: the integer
+    codes already hold it, and a float copy per quantized Linear, on top of the float
+    weight it replaces (still memory-mapped from the checkpoint), doubled calibration's
+    peak memory on a 7B-shaped model.
+    """
+
+    def __init__(self, layer: LayerQuant, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer = layer
-        self.register_buffer("weight", layer.dequantized_weight().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.weight_dtype = dtype  # the model's dtype: forward casts to the input's dtype anyway
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         input_scale = layer.input_scale if layer.input_scale is not None else torch.tensor(0.0)
         self.register_buffer("input_scale", input_scale.float().reshape(()))
         self.in_features, self.out_features = layer.weight_codes.shape[1], layer.weight_codes.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in the model's dtype (a fresh tensor on every access)."""
+        return self.layer.dequantized_weight().to(self.weight_dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` / ``.half()`` reach the codes and the weight dtype, as they reached the old buffer."""
+        codes = self.layer.weight_codes
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=codes.device))
+        self.weight_dtype = probe.dtype
+        if probe.device != codes.device:
+            lq, move = self.layer, (lambda t: None if t is None else t.to(probe.device))
+            self.layer = dataclasses.replace(lq, weight_codes=move(lq.weight_codes), weight_scale=move(lq.weight_scale),
+                                             weight_zero_point=move(lq.weight_zero_point),
+                                             input_scale=move(lq.input_scale))
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer.act_bits is not None and self.layer.input_scale is not None:
@@ -98,5 +153,5 @@ def apply_quant_state(model: nn.Module, state: QuantState) -> nn.Module:
     apply_overrides(model, state.float_overrides)
     for name, layer in state.layers.items():
         linear = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear(layer, linear.bias))
+        set_submodule(model, name, QuantLinear(layer, linear.bias, linear.weight.dtype))
     return model

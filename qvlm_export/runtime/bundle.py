@@ -3,6 +3,7 @@
 Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
 
     vision.onnx  embed.onnx  decoder.onnx   the three graphs (opset 21; fp32 or fp16 interface)
+    <graph>.onnx.data                      its weights, for graphs over ExportConfig.external_data_bytes
     processor/                             the model's processor + tokenizer (save_pretrained)
     bundle.json                            this description (format below)
     manifest.json                          versions, resolved export config, input/output hashes
@@ -45,6 +46,8 @@ class GraphIO:
     outputs: tuple[str, ...]
     sha256: str = ""
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    data_file: str = ""  # ONNX external data beside the graph ("" when the weights are inside it)
+    data_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,9 @@ class BundleInfo:
 
     def to_json(self) -> dict[str, Any]:
         graphs = {g: {"file": io.file, "inputs": list(io.inputs), "outputs": list(io.outputs), "sha256": io.sha256,
-                      "weight_bytes": dict(io.weight_bytes)} for g, io in self.graphs.items()}
+                      "weight_bytes": dict(io.weight_bytes),
+                      **({"data_file": io.data_file, "data_sha256": io.data_sha256} if io.data_file else {})}
+                  for g, io in self.graphs.items()}
         return {"format": BUNDLE_FORMAT, "dtype": self.dtype, "opset": self.opset, "graphs": graphs,
                 "model": asdict(self.model), "quant": self.quant, "processor": self.processor}
 
@@ -164,7 +169,8 @@ def read_bundle(path: str | Path, verify: bool | None = None) -> BundleInfo:
                         "re-export with this version")
     try:
         graphs = {g: GraphIO(file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),
-                             sha256=d.get("sha256", ""), weight_bytes=dict(d.get("weight_bytes", {})))
+                             sha256=d.get("sha256", ""), weight_bytes=dict(d.get("weight_bytes", {})),
+                             data_file=d.get("data_file", ""), data_sha256=d.get("data_sha256", ""))
                   for g, d in raw["graphs"].items()}
         info = BundleInfo(path=path, dtype=raw["dtype"], opset=int(raw["opset"]), graphs=graphs,
                           model=ModelSpec(**raw["model"]), quant=dict(raw.get("quant", {})),

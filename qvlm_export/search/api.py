@@ -8,6 +8,7 @@ recipe -> method (registry) -> ``method.plan`` -> ``SequentialCalibrator.run(met
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import time
 from pathlib import Path
@@ -54,11 +55,18 @@ def state_to_cpu(state: QuantState) -> QuantState:
     return dataclasses.replace(state, layers=layers, float_overrides=overrides)
 
 
-def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None):
+def block_weights(method, device: str) -> bool:
+    """Keep only the current block's weights on an accelerator (not on the host, where it changes nothing;
+    not for methods whose plan runs the whole model, such as Q-VLM's Jacobian and entropy probes)."""
+    return device != "cpu" and not getattr(method, "whole_model_plan", False)
+
+
+def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None, blocks: bool):
     from ..quant.calibrate import SequentialCalibrator
 
     return SequentialCalibrator(vlm, samples, recipe, batch_size=recipe.calibration.batch_size, device=device,
-                                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir))
+                                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+                                block_weights=blocks)
 
 
 def _run(method, calibrator, progress: bool) -> QuantState:
@@ -84,21 +92,50 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def quantize_identity(model_path: Path, rec: QuantRecipe, calib: str | Path, samples: list[Sample],
-                      device: str) -> tuple[dict, dict]:
-    """The (config, inputs) a quant state's manifest records: what ``run`` compares to skip a redo."""
-    config = {"recipe": rec.to_dict(), "calib": str(calib), "calibration_samples": len(samples), "device": device}
-    inputs = {"model": digest(hash_tree(model_path)), "calibration": samples_digest(samples)}
+def quantize_identity(model_path: Path, rec: QuantRecipe, calib: str | Path, samples: list[Sample] | None,
+                      device: str, load_dtype: str) -> tuple[dict, dict]:
+    """The (config, inputs) a quant state's manifest records: what ``run`` compares to skip a redo.
+
+    ``samples`` is None for data-free methods (weight-only RTN), which read no calibration data.
+    """
+    config = {"recipe": rec.to_dict(), "calib": None if samples is None else str(calib),
+              "calibration_samples": 0 if samples is None else len(samples), "device": device, "dtype": load_dtype}
+    inputs = {"model": digest(hash_tree(model_path))}
+    if samples is not None:
+        inputs["calibration"] = samples_digest(samples)
     return config, inputs
+
+
+def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progress: bool,
+                      checkpoint_dir) -> tuple[QuantState, list[Sample] | None]:
+    """The state and the samples it saw; data-free methods (weight-only RTN) read no data at all."""
+    from ..quant.calibrate import quantize_without_data
+
+    if getattr(method, "data_free", lambda: False)():
+        state = quantize_without_data(vlm, rec, method.weight_rule, device)
+        state.extras["calibration"] = {"data": None, "samples": 0, "device": device,
+                                       "why": "weight-only round-to-nearest reads no activations"}
+        return state, None
+    samples = calibration_samples(calib, rec.calibration)
+    blocks = block_weights(method, device)
+    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress)
+    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device,
+                                   "block_weights": blocks}
+    return state, samples
 
 
 def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
              calib: str | Path = "builtin:calib", out: str | Path = "quant", device: str | None = None,
-             progress: bool = True, checkpoint_dir: str | Path | None = None) -> Path:
-    """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``."""
+             progress: bool = True, checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Path:
+    """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``.
+
+    ``dtype`` (auto | fp32 | fp16 | bf16) is the dtype the model is loaded and calibrated
+    in; ``auto`` keeps the checkpoint's own, so a bf16 7B model holds 13.5 GB, not 27.
+    """
     import torch
 
-    from ..load.model import load_vlm
+    from ..load.model import load_vlm, resolve_model_path
+    from ..memory import QUANTIZE_FACTOR, require_memory, resolve_load_dtype
     from .registry import get_method
 
     rec = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
@@ -106,15 +143,20 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
     method = get_method(rec.method)(rec)
     device = resolve_device(device)
-    vlm = load_vlm(model, device=device)
-    samples = calibration_samples(calib, rec.calibration)
-    calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir)
+    path = resolve_model_path(model)
+    load_dtype = resolve_load_dtype(dtype, path)
+    require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
+    # per-block placement (and data-free methods) load on the host and move weights as they go
+    on_host = block_weights(method, device) or getattr(method, "data_free", lambda: False)()
+    vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
     start = time.perf_counter()
-    state = _run(method, calibrator, progress)
+    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir)
     seconds = time.perf_counter() - start
-    state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device}
+    state.extras["load_dtype"] = load_dtype
     state = state_to_cpu(state)
-    config, inputs = quantize_identity(vlm.path, rec, calib, samples, device)
+    config, inputs = quantize_identity(vlm.path, rec, calib, samples, device, load_dtype)
+    del vlm  # the state is all that is written; free the model before serialising it
+    gc.collect()  # (safetensors copies every tensor into bytes while saving)
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,

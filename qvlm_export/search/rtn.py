@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..quant.calibrate import BlockContext
@@ -23,6 +24,13 @@ class RTN:
 
     def plan(self, calibrator) -> None:
         return None
+
+    def data_free(self) -> bool:
+        """Weight-only RTN reads no activations: quantize skips the dataset and every forward pass."""
+        return self.recipe.activations.bits is None
+
+    def weight_rule(self, name: str, weight: torch.Tensor) -> LayerQuant:
+        return rtn_layer(weight, self.recipe)
 
     def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
         return rtn_layer(linear.weight.detach(), self.recipe)

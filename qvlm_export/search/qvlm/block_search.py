@@ -106,7 +106,7 @@ def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float],
     bits = ctx.recipe.activations.bits
     for name, lin in originals.items():
         scale = activation_scale(absmax[name], bits) if bits else None
-        swap_module(ctx, name, QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias))
+        swap_module(ctx, name, QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias, lin.weight.dtype))
     try:
         return block_error(ctx, targets, masks, token_normalised)
     finally:

@@ -40,6 +40,9 @@ def block_seed(seed: int, unit_names: list[str]) -> int:
 class QVLMMethod:
     """Entropy-guided block partition + block-wise AdaRound/LSQ search + visual-encoder optimisation."""
 
+    # plan() runs the whole model (Jacobian norms, entropy probes): it must all be on the device
+    whole_model_plan = True
+
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
         self.config: QVLMConfig = config_from_args(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}")

@@ -62,7 +62,7 @@ def rtn_model(model: nn.Module, recipe: QuantRecipe, batches: Sequence[CalibBatc
     for name in names:
         lin = qmodel.get_submodule(name)
         scale = activation_scale(absmax[name], bits) if bits else None
-        set_submodule(qmodel, name, QuantLinear(rtn_layer(lin.weight.detach(), recipe, scale), lin.bias))
+        set_submodule(qmodel, name, QuantLinear(rtn_layer(lin.weight.detach(), recipe, scale), lin.bias, lin.weight.dtype))
     qmodel.requires_grad_(False)
     return qmodel
 
