@@ -28,7 +28,9 @@ def embedded_model_dir():
 @pytest.fixture(scope="session")
 def tiny_w8a8_thresholds(tmp_path_factory):
     """A thresholds YAML for the 1+1-layer random models of ``tiny_bundle`` (the packaged bounds are the
-    embedded model's). Measured there: faithful >= 30 dB, fast >= 15 dB, a x4 weight scale ~9 dB."""
+    embedded model's). Measured there: faithful >= 30 dB, fast 42 dB with AVX512-VNNI and 21.6 dB on AVX2
+    (qemu -cpu Haswell), a x4 weight scale ~9 dB. A random model answers chaotically: fast mode's identical
+    answers were 15/16 with VNNI and 6/16 on AVX2, hence the low task bound."""
     path = tmp_path_factory.mktemp("thresholds") / "thresholds.yaml"
     path.write_text("""version: 1
 precisions:
@@ -36,7 +38,7 @@ precisions:
     faithful: {default: {cosine: 0.999, sqnr_db: 25, nonfinite: 0}}
     fast: {default: {cosine: 0.97, sqnr_db: 12, nonfinite: 0}}
     drift: {default: {sqnr_db: 12}}
-    task: {max_accuracy_drop: 0.1, min_identical_answers: 0.25}
+    task: {max_accuracy_drop: 0.1, min_identical_answers: 0.125}
 """)
     return path
 

@@ -146,7 +146,10 @@ def test_fast_mode_uses_integer_kernels_faithful_does_not(setting, fused_op, tmp
         with answerer:
             logits[mode] = answerer.generate([s.image for s in samples], [s.question for s in samples]).first_logits
     drift = float(np.abs(logits["fast"] - logits["faithful"]).max())
-    assert drift < 0.25 * float(np.ptp(logits["faithful"]))  # 0 on CPUs whose integer kernels are exact
+    # Bounded, not required to be large: W8A8 drifts 0.004 of the logit range with VNNI and 0.015 on AVX2
+    # (tools/check_isa_paths.sh, under qemu -cpu Haswell); W4A16 0.22 on both (ORT's default level 4
+    # quantizes activations to int8 inside MatMulNBits, whatever the CPU).
+    assert drift < 0.5 * float(np.ptp(logits["faithful"]))
 
 
 def test_cli_generate_and_eval_on_a_bundle(tmp_path, capsys):
@@ -188,4 +191,4 @@ def test_int4_accuracy_level_reaches_the_fast_session_and_removes_its_drift():
     # Level 1 computes in fp32 on every CPU: float rounding only. The default level's drift depends on the
     # CPU's int8 path (exact with VNNI), so it is bounded, not required to be large.
     assert drift["fast-fp32"] < 1e-3 * float(np.ptp(logits["faithful"])), drift
-    assert drift["fast"] < 0.25 * float(np.ptp(logits["faithful"])), drift
+    assert drift["fast"] < 0.5 * float(np.ptp(logits["faithful"])), drift  # 0.22 measured, VNNI and AVX2
