@@ -156,7 +156,9 @@ def _export_checks(reference: Reference, spec: CandidateSpec, info: BundleInfo, 
     checks["weights"] = weights_match_state(info, load_state(source.quant))
     checks["fidelity"] = None
     result.export_checks = checks
-    return compare_fidelity(info, SimulatedGraphs(source, config.threads), reference.feeds, config.threads)
+    fp_outputs = {g: [its for _, its in reference.results[g].items()][0] for g in GRAPHS}
+    return compare_fidelity(info, SimulatedGraphs(source), reference.feeds, fp_outputs,
+                            config.threads)
 
 
 def _reference_eval(reference: Reference, config: ValidateConfig, progress: bool):

@@ -136,7 +136,7 @@ def derive_thresholds(model: Path, settings: list[str], reference, config, sampl
             continue
         log(f"no thresholds file for this model: deriving {setting} bounds from rtn-{setting}")
         state = _rtn_state(model, setting, config.calib, config.calib_samples, scratch / f"rtn-{setting}")
-        simulated = SimulatedGraphs(SimulatedSource(quant=state, model=model), config.threads)
+        simulated = SimulatedGraphs(SimulatedSource(quant=state, model=model))
         faithful, fast = _graph_bounds(simulated, reference)
         precisions[setting] = {"faithful": Bounds(outputs=faithful), "fast": Bounds(outputs=fast)}
         if samples is not None and ref_eval is not None:
