@@ -159,7 +159,7 @@ def _verdicts_section(c: dict) -> str:
     notes = [f"fidelity {escape(checks['fidelity'])}"] if checks.get("fidelity") else []
     notes += [escape(line) for key in ("metadata", "weights", "runtime") for line in checks.get(key, [])]
     listed = "".join(f"<li><code>{n}</code></li>" for n in notes)
-    return (_table(["verdict", "question", "result"], rows) if rows else "") + (f"<ul>{listed}</ul>" if listed else "")
+    return (_table(["verdict", "question", "result"], rows, left=2) if rows else "") + (f"<ul>{listed}</ul>" if listed else "")
 
 
 def _candidate(c: dict) -> str:
