@@ -156,7 +156,7 @@ def _export_checks(reference: Reference, spec: CandidateSpec, info: BundleInfo, 
     checks["weights"] = weights_match_state(info, load_state(source.quant))
     checks["fidelity"] = None
     result.export_checks = checks
-    fp_outputs = {g: [its for _, its in reference.results[g].items()][0] for g in GRAPHS}
+    fp_outputs = {g: reference.outputs(g) for g in GRAPHS}
     return compare_fidelity(info, SimulatedGraphs(source), reference.feeds, fp_outputs,
                             config.threads)
 

@@ -24,13 +24,11 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import QvlmError
 from ..manifest import digest, hash_tree
 from ..runtime.bundle import GRAPHS
-from .fidelity import SimulatedGraphs, SimulatedSource, valid_positions
-from .stats import error_stats, worst
+from .fidelity import SimulatedGraphs, SimulatedSource, masked_error, recorded_sources
+from .stats import worst
 from .thresholds import Bounds, ThresholdConfig
 
 SQNR_MARGIN_DB = {"faithful": 6.0, "fast": 12.0}
@@ -48,17 +46,15 @@ def embedded_model_digest() -> str:
 
 def reference_model(reference_path: Path) -> tuple[Path | None, str | None]:
     """(model directory, content digest) behind an FP reference bundle or model directory."""
-    import json
+    from ..manifest import read_manifest
 
     path = Path(reference_path)
     if (path / "config.json").is_file():
         return path, digest(hash_tree(path))
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
+    if not (path / "manifest.json").is_file():
         return None, None
-    raw = json.loads(manifest.read_text())
-    model = (raw.get("sources") or {}).get("model")
-    return (Path(model) if model else None), raw.get("inputs", {}).get("model")
+    model = recorded_sources(path).get("model")
+    return (Path(model) if model else None), read_manifest(path).get("inputs", {}).get("model")
 
 
 def packaged_thresholds_apply(model_digest: str | None) -> bool:
@@ -98,14 +94,12 @@ def _graph_bounds(simulated: SimulatedGraphs, reference) -> tuple[tuple[str, dic
     """``faithful`` bounds per ``graph/output`` and the matching ``fast`` ones, from RTN's error vs the reference."""
     faithful, fast = [], []
     for graph in GRAPHS:
-        iterations = [its for _, its in reference.results[graph].items()][0]
         names = reference.info.graphs[graph].outputs
         per_output: dict[str, list] = {n: [] for n in names}
-        for feed, ref_out in zip(reference.feeds[graph], iterations, strict=True):
+        for feed, ref_out in zip(reference.feeds[graph], reference.outputs(graph), strict=True):
             got = simulated.run(graph, feed, names)
             for name in names:
-                per_output[name].append(error_stats(valid_positions(graph, name, feed, np.asarray(ref_out[name])),
-                                                    valid_positions(graph, name, feed, got[name])))
+                per_output[name].append(masked_error(graph, name, feed, ref_out[name], got[name]))
         for name, stats in per_output.items():
             faithful.append((f"{graph}/{name}", output_bounds(worst(stats), "faithful")))
             fast.append((f"{graph}/{name}", output_bounds(worst(stats), "fast")))

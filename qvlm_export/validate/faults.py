@@ -57,12 +57,12 @@ def _edit_initializer(bundle: Path, graph: str, suffix: str, hint: str, edit: Ca
     model = _load(bundle, graph)
     tensor = _initializer(model, suffix, hint)
     value = numpy_helper.to_array(tensor)
-    new = numpy_helper.from_array(edit(value.copy()).astype(value.dtype), tensor.name)
+    edited = edit(value.copy()).astype(value.dtype)
+    new = numpy_helper.from_array(edited, tensor.name)
     if tensor.data_type != new.data_type:  # int4 arrays come back as int8: keep the graph's element type
         from onnx import helper
 
-        new = helper.make_tensor(tensor.name, tensor.data_type, list(value.shape),
-                                 edit(value.copy()).astype(np.int8).ravel().tolist())
+        new = helper.make_tensor(tensor.name, tensor.data_type, list(value.shape), edited.ravel().tolist())
     tensor.CopyFrom(new)
     _save(model, bundle, graph)
     return f"{graph}: {tensor.name}"

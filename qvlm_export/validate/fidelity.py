@@ -80,6 +80,22 @@ def valid_positions(graph: str, output: str, feed: Mapping[str, np.ndarray], val
     return value.transpose(0, 2, 1, 3)[mask[:, :value.shape[2]]].ravel()
 
 
+def masked_error(graph: str, output: str, feed: Mapping[str, np.ndarray], reference: np.ndarray,
+                 candidate: np.ndarray) -> ErrorStats:
+    """Error statistics over the real (non-padding) positions of one output."""
+    return error_stats(valid_positions(graph, output, feed, np.asarray(reference)),
+                       valid_positions(graph, output, feed, np.asarray(candidate)))
+
+
+def recorded_sources(artifact: Path) -> dict[str, Any]:
+    """The model and quant-state paths ``export`` recorded in a bundle's manifest (empty when none)."""
+    from ..manifest import read_manifest
+
+    if not (Path(artifact) / "manifest.json").is_file():
+        return {}
+    return read_manifest(Path(artifact)).get("sources") or {}
+
+
 def fidelity_checks(bound_db: float, stats: ErrorStats) -> tuple[Check, ...]:
     return (Check("sqnr_db", float(stats.sqnr_db), round(float(bound_db), 2)), Check("nonfinite", stats.nonfinite, 0))
 
@@ -132,10 +148,8 @@ def compare_fidelity(info: BundleInfo, simulated: SimulatedGraphs, feeds: Mappin
                 for name in names:
                     if name not in got:
                         raise QvlmError(f"graph {graph!r} of {str(info.path)!r} has no output {name!r}")
-                    sim = valid_positions(graph, name, feed, want[name])
-                    records[name].append(error_stats(sim, valid_positions(graph, name, feed, got[name])))
-                    quantization[name].append(error_stats(valid_positions(graph, name, feed, np.asarray(fp[name])),
-                                                          sim))
+                    records[name].append(masked_error(graph, name, feed, want[name], got[name]))
+                    quantization[name].append(masked_error(graph, name, feed, fp[name], want[name]))
             out[graph] = tuple(
                 _parity(graph, name, records[name],
                         fidelity_bound(info.dtype, act_quantized, float(worst(quantization[name]).sqnr_db)))
@@ -167,10 +181,7 @@ def resolve_source(bundle: Path, info: BundleInfo, quant: Path | None) -> Simula
 
     from ..manifest import digest, hash_tree
 
-    sources: dict[str, Any] = {}
-    manifest = Path(bundle) / "manifest.json"
-    if manifest.is_file():
-        sources = json.loads(manifest.read_text()).get("sources", {}) or {}
+    sources = recorded_sources(bundle)
     state = Path(quant) if quant is not None else (Path(sources["quant"]) if sources.get("quant") else None)
     if state is None or not (state / "state.json").is_file():
         return ("the quant state it was exported from is not available"

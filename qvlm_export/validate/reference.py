@@ -28,6 +28,10 @@ class Reference:
     feeds: dict[str, list[dict[str, np.ndarray]]]
     results: dict[str, Any]  # graph -> Polygraphy RunResults of the reference
 
+    def outputs(self, graph: str) -> list[Any]:
+        """The reference's outputs for ``graph``, one mapping per feed (its only runner's iterations)."""
+        return [iterations for _, iterations in self.results[graph].items()][0]
+
 
 def resolve_reference(reference: str | Path, scratch: Path, log: Log) -> tuple[BundleInfo, str]:
     """An FP bundle as given, or the FP export of a Hugging Face model directory."""
