@@ -143,3 +143,21 @@ def test_packaged_thresholds_render(tmp_path):
     # The packaged config serialises into the report (it is printed beside every number).
     t = load_thresholds()
     assert t.to_json()["precisions"]["w8a8"]["faithful"]["default"]["sqnr_db"] > 0
+
+
+def test_summary_of_a_passing_candidate_names_its_least_sqnr_room_against_fp():
+    from qvlm_export.validate.summary import worst_check
+
+    def output(graph, comparison, cosine, sqnr, sqnr_bound):
+        return {"output": "y", "comparison": comparison, "checks": [
+            {"stat": "cosine", "value": cosine, "op": ">=", "bound": 0.998, "passed": True},
+            {"stat": "sqnr_db", "value": sqnr, "op": ">=", "bound": sqnr_bound, "passed": True},
+            {"stat": "nonfinite", "value": 0, "op": "<=", "bound": 0, "passed": True}]}
+
+    candidate = {"graphs": [{"graph": "vision", "outputs": [output("vision", "faithful", 0.9999, 20.2, 15)]},
+                            {"graph": "decoder", "outputs": [output("decoder", "faithful", 0.99999, 31.0, 12),
+                                                             output("decoder", "drift", 1.0, 60.0, 15)]}]}
+    worst = worst_check(candidate)
+    assert (worst.graph, worst.stat, worst.value, worst.bound) == ("vision", "sqnr_db", 20.2, 15)  # 5.2 dB of room
+    candidate["graphs"][1]["outputs"][1]["checks"][0].update(value=0.99, passed=False)
+    assert (worst_check(candidate).comparison, worst_check(candidate).stat) == ("drift", "cosine")  # a failure first
