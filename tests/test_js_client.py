@@ -114,3 +114,22 @@ def test_processor_prompts_match_the_model_and_count_image_tokens_once(questions
         assert (a["pixel_values"] == b["pixel_values"]).all()
     config = json.loads((bundle / "processor_config.json").read_text())
     assert (config["num_additional_image_tokens"], config["vision_feature_select_strategy"]) == (0, "full")
+
+
+def test_external_data_bundle_loads_in_transformers_js(transformers_js, questions, tiny_bundle, tmp_path):
+    """A bundle whose graphs went to ONNX external data (<file>.onnx_data, listed in config.json) loads too."""
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.export.config import ExportConfig
+
+    samples, questions_file = questions
+    inline = Path(tiny_bundle("w8a8"))
+    bundle = export_bundle(inline.parent / "model", inline.parent / "quant-w8a8", out=tmp_path / "external",
+                           config=ExportConfig(external_data_bytes=20_000))
+    config = json.loads((bundle / "config.json").read_text())["transformers.js_config"]
+    assert config["use_external_data_format"] == {"decoder_model_merged_int8.onnx": 1, "vision_encoder_int8.onnx": 1}
+    assert (bundle / "onnx" / "decoder_model_merged_int8.onnx_data").is_file()
+    js = node_answers(transformers_js, bundle, questions_file)
+    ours = ort_answers(bundle, samples)
+    same = sum(a == b for a, b in zip(js["answers"], ours, strict=True))
+    print(f"\nexternal-data w8a8 (tiny random model): identical {same}/{N_QUESTIONS}")
+    assert same / N_QUESTIONS >= MIN_IDENTICAL["w8a8"]

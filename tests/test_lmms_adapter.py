@@ -92,12 +92,23 @@ def _require_lmms_eval():
     pytest.importorskip("lmms_eval", reason='lmms-eval is not installed (pip install -e ".[lmms]")')
 
 
-def test_lmms_eval_registry_finds_the_model_class():
+def test_lmms_eval_registry_finds_the_model_class_and_it_answers_both_request_types(core, samples):
     _require_lmms_eval()
+    from types import SimpleNamespace
+
     from lmms_eval.models import get_model
 
     cls = get_model("qvlm_export")
     assert cls.__name__ == "QvlmExportLMM"
+    lmm = cls.create_from_arg_string(f"bundle={H.bundle('w8a8')},threads=1", {"batch_size": 4, "device": None})
+    docs = [{"image": s.image, "question": s.question, "answer": s.answer} for s in samples[:6]]
+    lmm.task_dict = {"t": {"test": docs}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    gen = [SimpleNamespace(args=(d["question"], {"max_new_tokens": 8, "until": ["\n\n"]}, visual, i, "t", "test"))
+           for i, d in enumerate(docs)]
+    assert lmm.generate_until(gen) == core.generate([d["image"] for d in docs], [d["question"] for d in docs])
+    ll = [SimpleNamespace(args=(d["question"], " " + d["answer"], visual, i, "t", "test")) for i, d in enumerate(docs)]
+    assert lmm.loglikelihood(ll) == [core.loglikelihood(d["image"], d["question"], " " + d["answer"]) for d in docs]
 
 
 def test_lmms_eval_cli_accuracy_equals_qvlm_export_eval(tmp_path, samples):
