@@ -52,14 +52,15 @@ def data_file(graph_path: Path) -> Path:
     return graph_path.with_name(f"{graph_path.name}_data")
 
 
+def dtype_of(graph: str, file: str) -> str:
+    """The transformers.js dtype a graph file's name declares (the inverse of :func:`graph_file`)."""
+    suffix = Path(file).name.removesuffix(".onnx").removeprefix(HF_NAMES[graph])
+    return next(d for d, s in SUFFIXES.items() if s == suffix)
+
+
 def js_config(files: dict[str, str], with_data: set[str]) -> dict[str, Any]:
     """The ``transformers.js_config`` block: per-file dtype, and which files have external data."""
-    dtypes = {}
-    for graph, file in files.items():
-        stem = Path(file).name.removesuffix(".onnx")
-        dtypes[HF_NAMES[graph]] = next(d for d, s in sorted(SUFFIXES.items(), key=lambda kv: -len(kv[1]))
-                                       if stem == HF_NAMES[graph] + s)
-    block: dict[str, Any] = {"dtype": dtypes}
+    block: dict[str, Any] = {"dtype": {HF_NAMES[g]: dtype_of(g, f) for g, f in sorted(files.items())}}
     if with_data:
         block["use_external_data_format"] = {Path(files[g]).name: 1 for g in sorted(with_data)}
     return block
