@@ -13,7 +13,9 @@ The two ORT builds differ (Python 1.32, Node 1.30), and on a CPU with another in
 (AVX2 vs AVX512-VNNI) a fused kernel can move a logit by up to ~2e-2 (docs/validate.md), so
 a near-tie answer may flip: the quantized bundles must agree on >= 96% of answers (2 flips
 in 60 allowed; measured: 60/60 on every bundle), the FP bundle (no fused integer kernels,
-fp32 everywhere) on every answer.
+fp32 everywhere) on every answer. Measured margins of the first answer token (top-2 logit gap,
+min over the 60 questions, fast mode): FP 0.037, far above fp32 differences between ORT builds
+(~1e-5); W8A8 0.009, below the fused int8 drift, hence the allowance; W4A16 0.108.
 """
 
 from __future__ import annotations
