@@ -26,6 +26,7 @@ _MODULES = {
     "awq": "qvlm_export.search.awq",
     "gptq": "qvlm_export.search.gptq",
     "qvlm": "qvlm_export.search.qvlm.method",
+    "qig": "qvlm_export.search.qig.method",
 }
 _REGISTRY: dict[str, type] = {}
 
