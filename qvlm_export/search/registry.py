@@ -27,6 +27,7 @@ _MODULES = {
     "gptq": "qvlm_export.search.gptq",
     "qvlm": "qvlm_export.search.qvlm.method",
     "qig": "qvlm_export.search.qig.method",
+    "qvit": "qvlm_export.search.qvit.method",
 }
 _REGISTRY: dict[str, type] = {}
 
