@@ -28,6 +28,7 @@ _MODULES = {
     "qvlm": "qvlm_export.search.qvlm.method",
     "qig": "qvlm_export.search.qig.method",
     "qvit": "qvlm_export.search.qvit.method",
+    "qvlm_plus": "qvlm_export.search.combined.method",
 }
 _REGISTRY: dict[str, type] = {}
 
