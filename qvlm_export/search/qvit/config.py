@@ -15,6 +15,8 @@ class QViTConfig:
     """Hyperparameters of Q-ViT as a post-training block reconstruction (docs/qvit.md).
 
     Attributes:
+        vision_block_units: vision layers reconstructed together as one block (0: the whole
+            used vision tower, so the block objective is the vision output itself; 1: layer-wise).
         lambda_dgd: weight of the DGD term in the vision blocks' objective (0: off).
         irm: learn the function-preserving IRM (folded into q/k at the end).
         lr_irm: Adam learning rate of the IRM's ``log g`` and ``beta``.
@@ -24,6 +26,7 @@ class QViTConfig:
         progress: show a progress bar per block.
     """
 
+    vision_block_units: int = 0
     lambda_dgd: float = 0.1
     irm: bool = True
     lr_irm: float = 0.01
@@ -44,6 +47,6 @@ def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig
     if unknown:
         raise QvlmError(f"{source}: unknown Q-ViT option {unknown[0]!r}; allowed: {sorted(names)}")
     cfg = QViTConfig(**typed_fields(QViTConfig, dict(args), source))
-    if cfg.lambda_dgd < 0 or cfg.iterations < 0 or cfg.lr_irm <= 0:
-        raise QvlmError(f"{source}: lambda_dgd and iterations must be >= 0 and lr_irm > 0")
+    if cfg.lambda_dgd < 0 or cfg.iterations < 0 or cfg.lr_irm <= 0 or cfg.vision_block_units < 0:
+        raise QvlmError(f"{source}: lambda_dgd, iterations and vision_block_units must be >= 0 and lr_irm > 0")
     return cfg

@@ -1,6 +1,8 @@
 """The Q-ViT method (registered as ``qvit``): Q-ViT's IRM and DGD in a post-training block reconstruction.
 
-Every unit is its own block, searched by Q-VLM's block reconstruction (AdaRound rounding,
+The vision layers are reconstructed ``vision_block_units`` at a time (default: the whole used
+tower as one block, whose output is the vision output), every other unit is its own block;
+each block is searched by Q-VLM's block reconstruction (AdaRound rounding,
 LSQ static activation steps, :mod:`..qvlm.block_search`) with, in the vision units, the DGD
 term against the FP block and the learnable function-preserving IRM (:mod:`.block`), folded
 into q/k at the end (nothing added at run time). The projector and the language model get the
@@ -33,6 +35,14 @@ def search_config(cfg: QViTConfig) -> QVLMConfig:
                                dependency_mining=False, visual_optimization=False, progress=cfg.progress)
 
 
+def vision_partition(kinds: list[str], size: int) -> list[list[int]]:
+    """Consecutive vision units in blocks of ``size`` (0: all of them), every other unit alone."""
+    vision = [i for i, k in enumerate(kinds) if k == "vision"]
+    size = size or max(len(vision), 1)
+    blocks = [vision[i:i + size] for i in range(0, len(vision), size)]
+    return blocks + [[i] for i, k in enumerate(kinds) if k != "vision"]
+
+
 @register_method("qvit")
 class QViTMethod:
     """Block reconstruction with Q-ViT's DGD and IRM in the vision blocks; see docs/qvit.md."""
@@ -43,10 +53,11 @@ class QViTMethod:
         self.seed = recipe.calibration.seed if self.config.seed is None else self.config.seed
         self.masks = None
 
-    def plan(self, calibrator: SequentialCalibrator) -> None:
+    def plan(self, calibrator: SequentialCalibrator) -> list[list[int]]:
         self.masks = [b.attention_mask.bool() for b in calibrator.batches]
-        calibrator.extras["qvit"] = {"config": self.config.to_dict(), "seed": self.seed}
-        return None
+        partition = vision_partition([u.kind for u in calibrator.units], self.config.vision_block_units)
+        calibrator.extras["qvit"] = {"config": self.config.to_dict(), "seed": self.seed, "partition": partition}
+        return partition
 
     def block(self, ctx: BlockContext) -> None:
         if not ctx.linears():
