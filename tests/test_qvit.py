@@ -101,3 +101,36 @@ def test_qvit_quantizes_the_tiny_model_with_irm_and_dgd(tiny_model_dir, tmp_path
 def test_bad_qvit_option_is_one_line():
     with pytest.raises(QvlmError, match="unknown Q-ViT option 'lambda'"):
         qvit_config({"lambda": 1.0})
+
+
+@pytest.mark.slow
+def test_exported_vision_graph_equals_the_simulated_model_with_folded_irm(tiny_model_dir, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.quant.simulate import load_simulated
+    from qvlm_export.quant.state import load_state
+    from qvlm_export.search.api import quantize
+
+    # weight-only, so no activation rounding can flip between the two float paths: the graph must match to float
+    # precision (quantized activations are compared with their quantization-error bound by `qvlm-export validate`)
+    recipe = recipe_from_dict({"method": "qvit", "setting": "w4a16",
+                               "method_args": {"iterations": 10, "lambda_dgd": 1.0, "lr_irm": 0.2, "progress": False}})
+    state = quantize(model=tiny_model_dir, recipe=recipe, calib="builtin:calib:8", out=tmp_path / "s", progress=False)
+    irm = next(v["irm"] for k, v in load_state(state).extras["qvit_blocks"].items() if "vision_tower" in k)
+    assert max(abs(r["g_max"] - 1) + abs(r["g_min"] - 1) + r["beta_absmax"] for r in irm.values()) > 1e-3  # learned
+    bundle = export_bundle(model=tiny_model_dir, quant=state, out=tmp_path / "b", dtype="fp32")
+    vlm = load_simulated(state)[0]
+    images = [s.image for s in load_dataset("builtin:eval:4")]
+    pixels = vlm.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = vlm.model.model.get_image_features(pixel_values=pixels)
+    feats = torch.cat(list(feats.pooler_output if hasattr(feats, "pooler_output") else feats)).reshape(4, -1)
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")  # exact QDQ arithmetic, no fused int8 kernels
+    sess = ort.InferenceSession(str(bundle / "vision.onnx"), opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: pixels.numpy().astype(np.float32)})[0].reshape(4, -1)
+    scale = float(feats.abs().max())
+    assert float(np.abs(out - feats.numpy()).max()) < 1e-4 * scale

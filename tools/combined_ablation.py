@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--states-dir", default=None)
     parser.add_argument("--out", default=str(DOCS / "combined_ablation.json"))
+    parser.add_argument("--merge", action="store_true", help="replace only these rows in an existing --out")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     if any(v not in VARIANTS for v in variants):
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.settings.split(","), variants, Path(args.states_dir or tmp))
     out = Path(args.out)
+    if args.merge and out.is_file():
+        fresh = {(r["setting"], r["variant"]) for r in rows}
+        rows = [r for r in json.loads(out.read_text()) if (r["setting"], r["variant"]) not in fresh] + rows
+        order = {s: i for i, s in enumerate(["w8a8", "w4a16", "w4a8", "w3a16", "w6a6", "w4a4"])}
+        rows.sort(key=lambda r: (order.get(r["setting"], 9), list(VARIANTS).index(r["variant"])))
     out.write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows))
     print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -17,6 +17,9 @@ class CombinedConfig:
 
     Attributes:
         token_weights: QIG's integrated-gradient token weights in every block's objective.
+        token_mix: ``w = (1 - token_mix) * uniform + token_mix * p_IG`` per sample (1: QIG's
+            weights alone; ours: with Q-VLM's pooled objective the IG weights alone concentrate the
+            search on a few tokens).
         ig_steps: integrated-gradient path points (QIG: 32).
         baseline: ``auto`` (zero for weight-only, the quantized-stream block input with quantized
             activations), ``zero`` or ``quantized``.
@@ -27,6 +30,7 @@ class CombinedConfig:
     """
 
     token_weights: bool = True
+    token_mix: float = 1.0
     ig_steps: int = 32
     baseline: str = "auto"
     iqr_clip: str = "auto"
@@ -47,6 +51,6 @@ def combined_config(args: dict[str, Any], source: str = "method_args") -> tuple[
     cfg = CombinedConfig(**typed_fields(CombinedConfig, mine, source))
     if cfg.baseline not in ("auto", "zero", "quantized") or cfg.iqr_clip not in ("auto", "on", "off"):
         raise QvlmError(f"{source}: baseline must be auto|zero|quantized and iqr_clip auto|on|off")
-    if cfg.ig_steps < 1 or cfg.lambda_dgd < 0 or cfg.lr_irm <= 0:
-        raise QvlmError(f"{source}: ig_steps must be >= 1, lambda_dgd >= 0 and lr_irm > 0")
+    if cfg.ig_steps < 1 or cfg.lambda_dgd < 0 or cfg.lr_irm <= 0 or not 0 <= cfg.token_mix <= 1:
+        raise QvlmError(f"{source}: ig_steps must be >= 1, lambda_dgd >= 0, lr_irm > 0 and token_mix in [0, 1]")
     return cfg, qvlm

@@ -48,6 +48,12 @@ def _run(modules, x, ctx: BlockContext, b: int) -> torch.Tensor:
     return x
 
 
+def mix_uniform(p: torch.Tensor, mask: torch.Tensor | None, mix: float) -> torch.Tensor:
+    """``(1 - mix) * uniform + mix * p`` per sample over real tokens (still summing to 1)."""
+    real = torch.ones_like(p) if mask is None else mask.to(p.dtype)
+    return (1 - mix) * real / real.sum(-1, keepdim=True).clamp_min(1) + mix * p
+
+
 def block_token_weights(ctx: BlockContext, cfg: CombinedConfig) -> list[torch.Tensor] | None:
     """Per batch ``[batch, seq]`` weights (each sample sums to 1 over real tokens); None for 2-D block inputs."""
     if ctx.q_inputs[0].dim() != 3:
@@ -70,7 +76,8 @@ def block_token_weights(ctx: BlockContext, cfg: CombinedConfig) -> list[torch.Te
                 return (per_token if mask is None else per_token[mask]).sum()
 
             x, x0 = (xf, xq) if quantized else (xq, torch.zeros_like(xq))
-            out.append(token_weights(integrated_gradients(fn, x, x0, cfg.ig_steps).float(), mask, clip))
+            p = token_weights(integrated_gradients(fn, x, x0, cfg.ig_steps).float(), mask, clip)
+            out.append(mix_uniform(p, mask, cfg.token_mix))
     finally:
         for p in frozen:
             p.requires_grad_(True)
