@@ -20,7 +20,8 @@ class QViTConfig:
         lambda_dgd: weight of the DGD term in the vision blocks' objective (0: off).
         irm: learn the function-preserving IRM (folded into q/k at the end).
         lr_irm: Adam learning rate of the IRM's ``log g`` and ``beta``.
-        iterations: Adam steps per block (vision and the rest).
+        iterations: Adam steps per unit of a block: a vision block of ``n`` layers gets ``n * iterations``
+            (the same steps per layer as a layer-wise search), every other block ``iterations``.
         lr_round, lr_step: as Q-VLM's (AdaRound logits; LSQ log activation steps).
         seed: search seed; ``None`` takes the recipe's calibration seed.
         progress: show a progress bar per block.

@@ -66,7 +66,8 @@ class QViTMethod:
         masks = [m.to(ctx.q_inputs[0].device) if uses_mask(ctx.units[0]) else None for m in self.masks]
         hooks, records, handles = vision_hooks(ctx, cfg.lambda_dgd, cfg.irm, cfg.lr_irm)
         try:
-            stats = search_block(ctx, search_config(cfg), masks, block_seed(self.seed, names), hooks=hooks)
+            search = dataclasses.replace(search_config(cfg), iterations=cfg.iterations * len(ctx.units))
+            stats = search_block(ctx, search, masks, block_seed(self.seed, names), hooks=hooks)
         finally:
             for h in handles:
                 h.remove()
