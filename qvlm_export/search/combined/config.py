@@ -30,7 +30,7 @@ class CombinedConfig:
     """
 
     token_weights: bool = True
-    token_mix: float = 1.0
+    token_mix: float = 0.5
     ig_steps: int = 32
     baseline: str = "auto"
     iqr_clip: str = "auto"
