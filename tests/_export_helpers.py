@@ -143,3 +143,17 @@ def assert_logit_parity(errors: np.ndarray, setting: str, tolerance: float = 1e-
         assert errors.max() < 0.1, f"{setting}: max logit error {errors.max():.2e} of the range"
     else:
         assert errors.max() < tolerance, f"{setting}: max logit error {errors.max():.2e} of the logit range"
+
+
+def graph_file(bundle: Path, graph: str) -> Path:
+    """Where an exported bundle keeps one graph (``onnx/decoder_model_merged_q4.onnx`` etc.)."""
+    from qvlm_export.runtime.bundle import read_bundle
+
+    return read_bundle(bundle, verify=False).graph_path(graph)
+
+
+def read_bundle_model(bundle: Path):
+    """The bundle's recorded model spec (image tokens, cache geometry)."""
+    from qvlm_export.runtime.bundle import read_bundle
+
+    return read_bundle(bundle, verify=False).model

@@ -11,6 +11,7 @@ import json
 
 import onnx
 import pytest
+from _export_helpers import graph_file  # noqa: E402
 from onnx import TensorProto, numpy_helper
 
 from qvlm_export.build.builder import build_engines, plan_build, read_engine_manifest
@@ -27,13 +28,13 @@ def test_exported_bundles_pass_check_trt(tiny_bundle, setting, dtype):
     bundle = tiny_bundle(setting, dtype)
     report = check_path(bundle)
     layers = json.loads((bundle / "bundle.json").read_text())["quant"]["layers"]
-    assert report.violations == [] and report.graphs == ["decoder.onnx", "embed.onnx", "vision.onnx"]
+    assert report.violations == [] and report.graphs == ["onnx/decoder_model_merged_int8.onnx", "onnx/embed_tokens.onnx", "onnx/vision_encoder_int8.onnx"]
     # W8A8: activation Q + DQ and a weight DQ per Linear; W4A16: one blocked int4 weight DQ per Linear
     assert layers > 0 and report.qdq_nodes == layers * (3 if setting == "w8a8" else 1)
 
 
 def test_mutated_exported_graph_is_caught_by_node_name(tiny_bundle):
-    path = tiny_bundle("w8a8", "fp16") / "decoder.onnx"
+    path = graph_file(tiny_bundle("w8a8", "fp16"), "decoder")
     model = onnx.load(str(path))
     weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear"
                      and n.input[0] in {t.name for t in model.graph.initializer})
@@ -73,7 +74,7 @@ def test_build_plan_and_manifest_on_exported_fp16_bundle(tiny_bundle, tmp_path):
     assert manifest["check_trt"] == {"ok": True, "qdq_nodes": json.loads((bundle / "bundle.json").read_text())[
         "quant"]["layers"] * 3}
     assert manifest["engines"]["decoder"]["inputs"]["inputs_embeds"] == "float16"
-    assert (out / "bundle" / "processor").is_dir()
+    assert (out / "bundle" / "processor_config.json").is_file()
     from qvlm_export.runtime.bundle import read_bundle
 
     assert read_bundle(out / "bundle").load_processor() is not None  # engines stand alone for generation

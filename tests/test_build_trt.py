@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _export_helpers import graph_file  # noqa: E402
 from onnx import TensorProto
 
 from qvlm_export.build.environment import gpu_identity, require_tensorrt
@@ -103,7 +104,7 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
     rng = np.random.default_rng(0)
     with TrtEngineSet(out) as engines:
         for graph in ("vision", "embed", "decoder"):
-            results = Comparator.run([OnnxrtRunner(_ort_faithful(bundle / f"{graph}.onnx")),
+            results = Comparator.run([OnnxrtRunner(_ort_faithful(graph_file(bundle, graph))),
                                       graph_runner(engines, graph)], data_loader=_feeds(info, graph, rng))
             for ref, trt in zip(results[0][1], results[1][1], strict=True):
                 for name in ref.keys():

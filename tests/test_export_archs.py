@@ -17,6 +17,7 @@ from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
+from _export_helpers import graph_file  # noqa: E402
 
 from qvlm_export.build.check_trt import check_path  # noqa: E402
 from qvlm_export.data.manifest import load_dataset  # noqa: E402
@@ -57,7 +58,7 @@ def test_prefill_and_decode_parity(models, bundles, arch):
 def test_siglip_keeps_every_patch_and_qwen2_biases_stay_float(bundles, models):
     info = read_bundle(bundles["siglip-qwen2"])
     assert info.model.image_seq_length == 16  # 64x64 / patch 16, no CLS to drop ("full" strategy)
-    model = onnx.load(str(bundles["siglip-qwen2"] / "decoder.onnx"))
+    model = onnx.load(str(graph_file(bundles["siglip-qwen2"], "decoder")))
     inits = {t.name: t for t in model.graph.initializer}
     q_proj = "model.language_model.layers.0.self_attn.q_proj"
     matmul_out = next(n.output[0] for n in model.graph.node if n.name == f"{q_proj}/MatMul")
@@ -72,7 +73,7 @@ def test_fp16_variant_has_fp16_interface_scales_and_fp32_answers(tiny_bundle):
     info = read_bundle(fp16)
     assert info.dtype == "fp16" and info.float_dtype == np.float16
     for graph in ("vision", "decoder"):
-        model = onnx.load(str(fp16 / f"{graph}.onnx"))
+        model = onnx.load(str(graph_file(fp16, graph)))
         floats = [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
                   if v.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
         assert floats and set(floats) == {TensorProto.FLOAT16}, graph

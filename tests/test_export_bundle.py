@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
+from _export_helpers import graph_file  # noqa: E402
 
 from qvlm_export.build.check_trt import check_path  # noqa: E402
 from qvlm_export.cli import main  # noqa: E402
@@ -77,7 +78,7 @@ def test_bundle_accuracy_equals_pytorch(bundles, references, setting):
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_graphs_pass_onnx_checker_and_trt_rules(bundles, setting):
     for graph in GRAPHS:
-        onnx.checker.check_model(str(bundles[setting] / f"{graph}.onnx"), full_check=True)
+        onnx.checker.check_model(str(graph_file(bundles[setting], graph)), full_check=True)
     report = check_path(bundles[setting])
     assert report.ok, [str(v) for v in report.violations]
     layers = read_bundle(bundles[setting]).quant["layers"]
@@ -90,7 +91,7 @@ def _initializers(path: Path) -> dict[str, onnx.TensorProto]:
 
 
 def test_w8a8_qdq_structure(bundles):
-    model = onnx.load(str(bundles["w8a8"] / "decoder.onnx"))
+    model = onnx.load(str(graph_file(bundles["w8a8"], "decoder")))
     inits = {t.name: t for t in model.graph.initializer}
     name = "model.language_model.layers.0.mlp.down_proj"
     codes = inits[f"{name}.weight_quantized"]
@@ -111,7 +112,7 @@ def test_w8a8_qdq_structure(bundles):
 
 def test_w4a16_int4_storage_and_blocks(bundles):
     state = json.loads((H.quant_state("w4a16") / "state.json").read_text())
-    inits = _initializers(bundles["w4a16"] / "decoder.onnx")
+    inits = _initializers(graph_file(bundles["w4a16"], "decoder"))
     stored = fp16 = 0
     for name, meta in state["layers"].items():
         if not name.startswith("model.language_model."):
@@ -165,7 +166,7 @@ def test_polygraphy_inspect_and_run(bundles, setting, graphs):
     exe = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or "polygraphy"
     info = read_bundle(bundles[setting])
     for graph in graphs:
-        path = str(bundles[setting] / f"{graph}.onnx")
+        path = str(graph_file(bundles[setting], graph))
         for cmd in ([exe, "inspect", "model", path], [exe, "run", "--onnxrt", path, *_polygraphy_args(info, graph)]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, f"{' '.join(cmd[1:3])} {graph}: {done.stdout[-800:]}{done.stderr[-800:]}"

@@ -42,11 +42,11 @@ def flip_byte(path, offset=-1):
 
 def test_bundle_load_names_the_modified_graph_and_no_verify_loads(artifacts):
     bundle, _ = artifacts
-    assert read_bundle(bundle).graphs["decoder"].file == "decoder.onnx"
-    flip_byte(bundle / "decoder.onnx")
+    assert read_bundle(bundle).graphs["decoder"].file == "onnx/decoder_model_merged_int8.onnx"
+    flip_byte(bundle / "onnx/decoder_model_merged_int8.onnx")
     with pytest.raises(ArtifactModified) as err:
         read_bundle(bundle)
-    assert str(err.value) == (f"bundle {str(bundle)!r}: decoder.onnx was modified after export (sha256 differs "
+    assert str(err.value) == (f"bundle {str(bundle)!r}: onnx/decoder_model_merged_int8.onnx was modified after export (sha256 differs "
                               "from manifest.json); re-export it or pass --no-verify")
     assert read_bundle(bundle, verify=False).dtype == "fp32"
     with verification(False):
@@ -56,8 +56,8 @@ def test_bundle_load_names_the_modified_graph_and_no_verify_loads(artifacts):
 
 def test_added_and_missing_files_are_named(artifacts):
     bundle, quant = artifacts
-    (bundle / "processor" / "extra.txt").write_text("x")
-    with pytest.raises(ArtifactModified, match=r"processor/extra.txt was added after export \(not in manifest.json\)"):
+    (bundle / "onnx" / "extra.txt").write_text("x")
+    with pytest.raises(ArtifactModified, match=r"onnx/extra.txt was added after export \(not in manifest.json\)"):
         read_bundle(bundle)
     (quant / "recipe.yaml").rename(quant / "recipe.yml")
     with pytest.raises(QvlmError, match="recipe.yaml is missing"):
@@ -80,10 +80,10 @@ def test_quant_state_load_names_the_modified_file(artifacts, name):
 def test_refresh_after_a_deliberate_edit_verifies_again(artifacts):
     bundle, quant = artifacts
     old = read_manifest(bundle)
-    flip_byte(bundle / "decoder.onnx")
+    flip_byte(bundle / "onnx/decoder_model_merged_int8.onnx")
     refresh_bundle(bundle)
     info = read_bundle(bundle)  # verifies
-    assert info.graphs["decoder"].sha256 == sha256_file(bundle / "decoder.onnx") != old["outputs"]["decoder.onnx"]
+    assert info.graphs["decoder"].sha256 == sha256_file(bundle / "onnx/decoder_model_merged_int8.onnx") != old["outputs"]["onnx/decoder_model_merged_int8.onnx"]
     new = read_manifest(bundle)
     assert new["inputs"] == old["inputs"] and new["config"] == old["config"]
     assert new["outputs"] == hash_tree(bundle)
@@ -119,9 +119,9 @@ def test_cli_loads_fail_in_one_line_and_no_verify_runs(artifacts, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: quant state") and "state.json was modified after quantize" in err
     assert "\n" not in err and not (tmp_path / "out").exists()
-    flip_byte(bundle / "vision.onnx")
+    flip_byte(bundle / "onnx/vision_encoder_int8.onnx")
     assert main(["check-trt", str(bundle)]) == 2
-    assert "vision.onnx was modified after export" in capsys.readouterr().err
+    assert "onnx/vision_encoder_int8.onnx was modified after export" in capsys.readouterr().err
     assert main(["check-trt", str(bundle), "--no-verify"]) == 0
     assert main(["eval", "--bundle", str(bundle), "--data", "builtin:eval:2"]) == 2
     assert main(["eval", "--bundle", str(bundle), "--data", "builtin:eval:2", "--no-verify"]) == 0
@@ -134,10 +134,10 @@ def test_verify_command_exit_codes(artifacts, tiny_bundle, tmp_path, capsys):
     assert main(["verify", str(bundle), str(quant)]) == 0
     assert capsys.readouterr().out.splitlines() == [f"{bundle}: ok onnx-bundle {n_bundle} files",
                                                     f"{quant}: ok quant-state {n_quant} files"]
-    flip_byte(bundle / "embed.onnx")
+    flip_byte(bundle / "onnx/embed_tokens.onnx")
     assert main(["verify", str(quant), str(bundle)]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith(f"ok quant-state {n_quant} files") and "embed.onnx was modified after export" in lines[1]
+    assert lines[0].endswith(f"ok quant-state {n_quant} files") and "onnx/embed_tokens.onnx was modified after export" in lines[1]
     (tmp_path / "plain").mkdir()
     assert main(["verify", str(tmp_path / "plain")]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
@@ -152,11 +152,11 @@ def test_validate_api_skips_verification_when_asked(artifacts, tiny_bundle, tmp_
     from qvlm_export.validate.config import validate_config_from_dict
 
     bundle, _ = artifacts
-    (bundle / "processor" / "notes.txt").write_text("fault injected")  # graphs untouched: validation can run
+    (bundle / "notes.txt").write_text("fault injected")  # graphs untouched: validation can run
     spec = CandidateSpec(bundle=bundle, name="w8a8", skipped=("tensorrt: skipped: test",))
     config = validate_config_from_dict({"calib_samples": 1, "batch_size": 1, "task": False, "runners": "faithful",
                                         "layer_errors": False, "threads": 1})
-    with pytest.raises(ArtifactModified, match="processor/notes.txt was added after export"):
+    with pytest.raises(ArtifactModified, match="notes.txt was added after export"):
         validate(tiny_bundle("fp"), [spec], tmp_path / "r1", config)
     assert not (tmp_path / "r1").exists()
     report = validate(tiny_bundle("fp"), [spec], tmp_path / "r2", config, verify=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,8 +66,10 @@ def report_dir(tmp_path_factory) -> Path:
                         "sqnr_db": [40.0 - 2 * i for i in range(8)] + [float("inf")]}}
     candidate = CandidateResult(name="w8a8", bundle="bundles/w8a8", setting="w8a8", deployable=True,
                                 runs_on="TensorRT INT8 QDQ; ONNX Runtime QDQ", method="qvlm", graphs=[graph],
-                                task=[task], skipped=["tensorrt: skipped: tensorrt is not installed"], layers=layers)
-    report = ValidationReport(reference={"path": "bundles/fp", "kind": "bundle"}, candidates=[candidate],
+                                task=[task], skipped=["tensorrt: skipped: tensorrt is not installed"], layers=layers,
+                                bundle_bytes=250_000)
+    report = ValidationReport(reference={"path": "bundles/fp", "kind": "bundle", "bundle_bytes": 1_000_000},
+                              candidates=[candidate],
                               thresholds=thresholds, config={"calib_samples": 2}, timings_s={"validate": 1.0})
     write_report_files(report, out)
     return out
@@ -86,6 +89,23 @@ def test_report_json_is_strict_and_carries_numbers_beside_thresholds(report_dir)
     assert html.count("data:image/png;base64,") == 5  # parity, accuracy, entropy, dependency, per-layer error
 
 
+def test_report_opens_with_one_summary_row_per_candidate(report_dir):
+    from qvlm_export.evaluate.intervals import wilson_interval
+
+    html = (report_dir / "report.html").read_text()
+    summary, details = html.index('<table class="summary">'), html.index("<details")
+    assert summary < details  # the summary first, every detail below it and collapsible
+    row = html[summary:html.index("</table>", summary)]
+    low, high = wilson_interval(32, 40)  # 40 questions, every 5th wrong
+    assert (round(low, 3), round(high, 3)) == (0.652, 0.895)
+    assert f"0.800 [{low:.3f}, {high:.3f}] (n=40)" in row and "-0.200" in row
+    assert "0.25 MB (0.25x FP)" in row
+    assert re.search(r"mlp/y sqnr_db [0-9.]+ \(past &gt;= 30, (faithful|fast)\)", row), row
+    sentence = html[html.index('<p class="lead">'):]
+    assert sentence.startswith('<p class="lead">w8a8 fails quality (graph &#x27;mlp&#x27; output &#x27;y&#x27;')
+    assert html.count("tensorrt: skipped: tensorrt is not installed") == 2  # once on top, once in the details
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: run tools/ensure_chromium.sh")
 def test_report_renders_in_headless_chromium(report_dir):
     from PIL import Image
@@ -102,11 +122,16 @@ def test_report_renders_in_headless_chromium(report_dir):
             page.goto((report_dir / "report.html").resolve().as_uri(), wait_until="load")
             decoded = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 100)")
             title = page.title()
+            summary_bottom = page.evaluate("document.querySelector('table.summary').getBoundingClientRect().bottom")
+            sentence_bottom = page.evaluate("document.querySelector('p.lead').getBoundingClientRect().bottom")
+            first_screen = page.screenshot()
             shot = page.screenshot(full_page=True)
         finally:
             browser.close()
+    (report_dir / "first_screen.png").write_bytes(first_screen)
     assert problems == []
     assert title == "qvlm-export validation report"
+    assert summary_bottom < sentence_bottom < 900  # the summary and what failed are on the first screen
     assert decoded == [True] * 5
     image = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert image.shape[0] > 900 and image.shape[1] == 1280  # full page: taller than the viewport
@@ -118,3 +143,21 @@ def test_packaged_thresholds_render(tmp_path):
     # The packaged config serialises into the report (it is printed beside every number).
     t = load_thresholds()
     assert t.to_json()["precisions"]["w8a8"]["faithful"]["default"]["sqnr_db"] > 0
+
+
+def test_summary_of_a_passing_candidate_names_its_least_sqnr_room_against_fp():
+    from qvlm_export.validate.summary import worst_check
+
+    def output(graph, comparison, cosine, sqnr, sqnr_bound):
+        return {"output": "y", "comparison": comparison, "checks": [
+            {"stat": "cosine", "value": cosine, "op": ">=", "bound": 0.998, "passed": True},
+            {"stat": "sqnr_db", "value": sqnr, "op": ">=", "bound": sqnr_bound, "passed": True},
+            {"stat": "nonfinite", "value": 0, "op": "<=", "bound": 0, "passed": True}]}
+
+    candidate = {"graphs": [{"graph": "vision", "outputs": [output("vision", "faithful", 0.9999, 20.2, 15)]},
+                            {"graph": "decoder", "outputs": [output("decoder", "faithful", 0.99999, 31.0, 12),
+                                                             output("decoder", "drift", 1.0, 60.0, 15)]}]}
+    worst = worst_check(candidate)
+    assert (worst.graph, worst.stat, worst.value, worst.bound) == ("vision", "sqnr_db", 20.2, 15)  # 5.2 dB of room
+    candidate["graphs"][1]["outputs"][1]["checks"][0].update(value=0.99, passed=False)
+    assert (worst_check(candidate).comparison, worst_check(candidate).stat) == ("drift", "cosine")  # a failure first

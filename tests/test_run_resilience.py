@@ -70,7 +70,7 @@ def test_stage_artifacts_are_current_only_for_their_own_inputs_and_intact_files(
     assert not quant_state_current(model, recipe, "builtin:calib:3", None, quant)
     assert not quant_state_current(model, recipe_from_dict({**TINY_RECIPE, "weights": {"group_size": 32}}),
                                    "builtin:calib", None, quant)
-    (bundle / "processor" / "notes.txt").write_text("added")
+    (bundle / "onnx" / "notes.txt").write_text("added")
     assert not bundle_current(model, quant, ExportConfig(), bundle)
 
 
@@ -114,8 +114,8 @@ def test_runs_killed_in_each_stage_resume_to_byte_identical_artifacts(tmp_path):
 
     kill_when(start_run(config, out, logs[0]), lambda: "quantize rtn w8a8 ..." in logs[0].read_text())
     assert not (out / "quant" / "w8a8" / "manifest.json").exists()
-    # mid-export: the FP bundle's temporary directory already holds vision.onnx
-    kill_when(start_run(config, out, logs[1]), lambda: any(out.glob("bundles/.fp.*.partial/vision.onnx")))
+    # mid-export: the FP bundle's temporary directory already holds the vision graph
+    kill_when(start_run(config, out, logs[1]), lambda: any(out.glob("bundles/.fp.*.partial/onnx/vision_encoder.onnx")))
     assert (out / "quant" / "w8a8" / "manifest.json").is_file() and not (out / "bundles" / "fp").exists()
     kill_when(start_run(config, out, logs[2]), lambda: any(out.glob("bundles/.w8a8.*.partial")))
     last = start_run(config, out, logs[3])

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
+from _export_helpers import graph_file  # noqa: E402
 
 from qvlm_export.cli import main  # noqa: E402
 from qvlm_export.data.manifest import load_dataset  # noqa: E402
@@ -125,7 +126,7 @@ def _fused_ops(bundle: Path, mode: str, tmp_path: Path) -> Counter:
 
     options = session_options(mode, threads=1)
     options.optimized_model_filepath = str(tmp_path / f"{bundle.name}-{mode}.onnx")
-    ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(graph_file(bundle, "decoder")), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 

@@ -70,7 +70,7 @@ def test_unused_vision_layer_is_left_out_and_recorded(feature_layer_runs, name, 
     assert vision == [str(i) for i in range(unused)]  # every layer before the unused one, none after
     assert list(state["extras"]["left_out"]) == [f"{VISION}.{unused}"]
     assert "feeds nothing" in state["extras"]["left_out"][f"{VISION}.{unused}"]
-    graph = onnx.load(str(bundle / "vision.onnx"))
+    graph = onnx.load(str(read_bundle(bundle).graph_path("vision")))
     assert not [n.name for n in graph.graph.node if f"layers.{unused}." in n.name]
     assert read_bundle(bundle).quant["layers"] == len(state["layers"])
 
@@ -144,17 +144,20 @@ def external_bundle(tiny_bundle, tmp_path_factory):
 def test_external_data_graph_holds_the_same_tensors(external_bundle):
     inline, external = external_bundle
     info = read_bundle(external)
-    assert info.graphs["decoder"].data_file == "decoder.onnx.data"
-    bare = onnx.load(str(external / "decoder.onnx"), load_external_data=False)
+    decoder, data = "onnx/decoder_model_merged_int8.onnx", "onnx/decoder_model_merged_int8.onnx_data"
+    assert info.graphs["decoder"].data_file == data  # the name transformers.js loads
+    js = json.loads((external / "config.json").read_text())["transformers.js_config"]
+    assert js["use_external_data_format"] == {"decoder_model_merged_int8.onnx": 1, "vision_encoder_int8.onnx": 1}
+    bare = onnx.load(str(external / decoder), load_external_data=False)
     inside = [t.name for t in bare.graph.initializer if len(t.raw_data) > 1024]  # onnx_ir keeps <= 1 kB inline
     assert inside == [] and sum(t.data_location == onnx.TensorProto.EXTERNAL for t in bare.graph.initializer) >= 6
-    split = (external / "decoder.onnx").stat().st_size + (external / "decoder.onnx.data").stat().st_size
-    assert abs(split - (inline / "decoder.onnx").stat().st_size) < 0.1 * split  # same bytes, in two files
-    assert "decoder.onnx.data" in hash_tree(external)
+    split = (external / decoder).stat().st_size + (external / data).stat().st_size
+    assert abs(split - (inline / decoder).stat().st_size) < 0.1 * split  # same bytes, in two files
+    assert data in hash_tree(external)
     manifest = json.loads((external / "manifest.json").read_text())
-    assert manifest["outputs"]["decoder.onnx.data"] == info.graphs["decoder"].data_sha256
-    a = onnx.load(str(inline / "decoder.onnx"))
-    b = onnx.load(str(external / "decoder.onnx"))  # reads the external data
+    assert manifest["outputs"][data] == info.graphs["decoder"].data_sha256
+    a = onnx.load(str(inline / decoder))
+    b = onnx.load(str(external / decoder))  # reads the external data
     ta = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
     tb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
     assert sorted(ta) == sorted(tb)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from _export_helpers import graph_file  # noqa: E402
 from onnx import numpy_helper
 
 from qvlm_export.cli import main
@@ -32,11 +33,11 @@ def bundles(tiny_bundle, tmp_path_factory, tiny_w8a8_thresholds):
     fp, w8a8 = Path(tiny_bundle("fp")), Path(tiny_bundle("w8a8"))
     broken = root / "broken"
     shutil.copytree(w8a8, broken)
-    decoder = onnx.load(str(broken / "decoder.onnx"))
+    decoder = onnx.load(str(graph_file(broken, "decoder")))
     hits = [t for t in decoder.graph.initializer if t.name == BROKEN_SCALE]
     assert len(hits) == 1
     hits[0].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(hits[0]) * 4, BROKEN_SCALE))
-    onnx.save(decoder, str(broken / "decoder.onnx"))
+    onnx.save(decoder, str(graph_file(broken, "decoder")))
     refresh_bundle(broken)  # a deliberate edit: re-hash it, as if the exporter itself had written the bad scale
     return {"fp": fp, "w8a8": w8a8, "quant": w8a8.parent / "quant-w8a8", "broken": broken,
             "thresholds": tiny_w8a8_thresholds, "root": root}

@@ -127,7 +127,7 @@ def test_fault_injection_rehashes_so_only_validation_can_tell(tmp_path):
     info = read_bundle(tmp_path / "b")
     from qvlm_export.manifest import sha256_file
 
-    assert info.graphs["decoder"].sha256 == sha256_file(tmp_path / "b" / "decoder.onnx")
+    assert info.graphs["decoder"].sha256 == sha256_file(H.graph_file(tmp_path / "b", "decoder"))
     assert info.graphs["decoder"].sha256 != read_bundle(H.bundle("w8a8")).graphs["decoder"].sha256
 
 

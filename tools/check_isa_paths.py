@@ -182,11 +182,13 @@ def fused_ops(bundle: Path, mode: str, tmp: Path) -> Counter:
     import onnx
     import onnxruntime as ort
 
+    from qvlm_export.runtime.bundle import read_bundle
     from qvlm_export.runtime.ort_runner import session_options
 
     options = session_options(mode, threads=1)
     options.optimized_model_filepath = str(tmp / f"{bundle.name}-{mode}.onnx")
-    ort.InferenceSession(str(bundle / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    decoder = read_bundle(bundle, verify=False).graph_path("decoder")
+    ort.InferenceSession(str(decoder), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 

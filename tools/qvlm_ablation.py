@@ -12,6 +12,8 @@ layer-wise baseline          off                 off                   one unit 
 + dependency-mined blocks    on                  off                   entropy partition (p, max depth 3)
 + visual-encoder optim.      off                 on                    one unit each, entropy term (eta)
 full Q-VLM                   on                  on                    entropy partition + entropy term
+... from RTN only            on                  on                    as full Q-VLM, the paper's start: RTN,
+                                                                       no layer-wise starts, no held-out split
 whole-stack joint search     (p = 0, no depth limit)                   one block per stack (cost reference)
   ... (4x steps)             as above, 4 x 160 Adam steps per block    (a joint search given more steps)
 ==========================  ==================  ====================  ====================================
@@ -43,6 +45,8 @@ VARIANTS = {
     "+ dependency-mined blocks": {"dependency_mining": True, "visual_optimization": False},
     "+ visual-encoder optimisation": {"dependency_mining": False, "visual_optimization": True},
     "full Q-VLM": {"dependency_mining": True, "visual_optimization": True},
+    "full Q-VLM from RTN only (paper's start)": {"dependency_mining": True, "visual_optimization": True,
+                                                "start": ["rtn"], "holdout": 0.0},
     "whole-stack joint search": {"dependency_mining": True, "visual_optimization": False, "p": 0.0, "max_depth": 99},
     "whole-stack joint search (4x steps)": {"dependency_mining": True, "visual_optimization": False, "p": 0.0,
                                            "max_depth": 99, "iterations": 640},
@@ -65,6 +69,7 @@ def worker(spec: dict) -> dict:
     from qvlm_export.data.manifest import load_dataset
     from qvlm_export.evaluate.accuracy import evaluate
     from qvlm_export.evaluate.backends import make_answerer
+    from qvlm_export.evaluate.logits import LOGIT_SQNR_DATA, logit_sqnr_db, next_token_logits
     from qvlm_export.load.model import load_vlm
     from qvlm_export.quant.recipe import load_recipe
     from qvlm_export.search.api import quantize
@@ -79,8 +84,12 @@ def worker(spec: dict) -> dict:
     meta = json.loads((Path(state) / "state.json").read_text())
     answerer, _ = make_answerer(model=spec["model"], quant=str(state))
     acc = evaluate(answerer, load_dataset(spec["eval_data"]), batch_size=50, progress=False).overall
+    fp_answerer, _ = make_answerer(model=spec["model"])
+    sqnr_data = load_dataset(LOGIT_SQNR_DATA)
+    sqnr = logit_sqnr_db(next_token_logits(fp_answerer.vlm, sqnr_data), next_token_logits(answerer.vlm, sqnr_data))
     blocks = meta["extras"]["qvlm"]["partition"]
-    return {"variant": spec["variant"], "setting": spec["setting"], "accuracy": acc, "search_seconds": seconds,
+    return {"variant": spec["variant"], "setting": spec["setting"], "accuracy": acc, "logit_sqnr_db": sqnr,
+            "search_seconds": seconds,
             "peak_memory_mib": max(peak - before, 0.0), "blocks": len(blocks),
             "max_block": max(len(b) for b in blocks), "partition": blocks}
 
@@ -102,11 +111,12 @@ def render(rows: list[dict], fp: float | None, eval_data: str) -> str:
              "seeds and per-block search; see docs/qvlm.md.", ""]
     if fp is not None:
         lines += [f"FP accuracy: {100 * fp:.1f}", ""]
-    lines += ["| setting | variant | blocks (largest) | accuracy | search (s) | peak memory (MiB) |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["| setting | variant | blocks (largest) | accuracy | logit SQNR (dB) | search (s) | peak memory (MiB) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        sqnr = f"{r['logit_sqnr_db']:.2f}" if r.get("logit_sqnr_db") is not None else "not measured"
         lines.append(f"| {r['setting']} | {r['variant']} | {r['blocks']} ({r['max_block']}) | {100 * r['accuracy']:.1f} "
-                     f"| {r['search_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
+                     f"| {sqnr} | {r['search_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
     lines += ["", "Reading the table:", "",
               "* Every variant runs the same number of Adam steps per block, so the partition hardly changes the",
               "  search time (a block of `d` units costs `d` times more per step but replaces `d` searches);",
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if json_path.is_file():  # keep rows this run did not redo
         fresh = {(r["setting"], r["variant"]) for r in rows}
         old = [r for r in json.loads(json_path.read_text())["rows"] if (r["setting"], r["variant"]) not in fresh]
-        order = {(s, v): i for i, (s, v) in enumerate((s, v) for s in ("w6a6", "w4a4") for v in VARIANTS)}
+        settings = ("w6a6", "w4a4", "w8a8", "w4a16", "w4a8", "w3a16")
+        order = {(s, v): i for i, (s, v) in enumerate((s, v) for s in settings for v in VARIANTS)}
         rows = sorted(old + rows, key=lambda r: order.get((r["setting"], r["variant"]), len(order)))
     result = {"eval_data": args.eval_data, "fp_accuracy": fp, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)

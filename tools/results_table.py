@@ -12,8 +12,10 @@ Each row is exactly what the CLI reproduces::
 ``logit_sqnr_db`` is defined in :mod:`qvlm_export.evaluate.logits` (centred first-answer-token
 logits vs the FP model on all of builtin:eval); ``search_seconds`` is the wall time of the
 calibration walk recorded in the quant state (CPU unless a GPU was used; see the manifest).
-Rows: ``{"method", "setting", "deployable", "accuracy", "logit_sqnr_db", "search_seconds"}``;
-the FP row has setting ``fp``, SQNR null and search time 0.
+Rows: ``{"method", "setting", "deployable", "accuracy", "accuracy_ci", "logit_sqnr_db", "logit_sqnr_ci",
+"search_seconds", "per_question": {"correct": "0101...", "logit_noise": [...]}}``; the FP row has setting
+``fp``, SQNR null, search time 0 and ``per_question.logit_signal`` (the per-question terms let the table
+compare any two rows on the same questions without re-running them).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def fp_row(model: str | None, eval_data: str) -> tuple[dict, object]:
     from qvlm_export.evaluate.backends import make_answerer
 
     answerer, _ = make_answerer(model=model)
-    acc = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False).overall
-    return {"method": "fp", "setting": "fp", "deployable": True, "accuracy": round(acc, 4),
-            "logit_sqnr_db": None, "search_seconds": 0.0}, answerer.vlm
+    result = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False)
+    return {"method": "fp", "setting": "fp", "deployable": True, **accuracy_fields(result),
+            "logit_sqnr_db": None, "search_seconds": 0.0,
+            "per_question": {"correct": "".join("1" if c else "0" for c in result.correct)}}, answerer.vlm
 
 
 def quant_row(method: str, setting: str, model: str | None, calib: str, eval_data: str, sqnr_data: str,
@@ -49,17 +52,27 @@ def quant_row(method: str, setting: str, model: str | None, calib: str, eval_dat
     from qvlm_export.data.manifest import load_dataset
     from qvlm_export.evaluate.accuracy import evaluate
     from qvlm_export.evaluate.backends import make_answerer
-    from qvlm_export.evaluate.logits import logit_sqnr_db, next_token_logits
+    from qvlm_export.evaluate.intervals import pooled_sqnr_db, sqnr_terms, sqnr_terms_interval
+    from qvlm_export.evaluate.logits import next_token_logits
     from qvlm_export.search.api import quantize
 
     state = quantize(model=model, recipe=f"{method}-{setting}", calib=calib, out=states_dir / f"{method}-{setting}",
                      progress=False)
     seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
     answerer, info = make_answerer(model=model, quant=str(state))
-    acc = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False).overall
-    sqnr = logit_sqnr_db(fp_logits, next_token_logits(answerer.vlm, load_dataset(sqnr_data)))
-    return {"method": method, "setting": setting, "deployable": bool(info["deployable"]), "accuracy": round(acc, 4),
-            "logit_sqnr_db": round(sqnr, 2), "search_seconds": round(float(seconds), 2)}
+    result = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False)
+    signal, noise = sqnr_terms(fp_logits, next_token_logits(answerer.vlm, load_dataset(sqnr_data)))
+    lo, hi = sqnr_terms_interval(signal, noise)
+    return {"method": method, "setting": setting, "deployable": bool(info["deployable"]), **accuracy_fields(result),
+            "logit_sqnr_db": round(pooled_sqnr_db(signal, noise), 2), "logit_sqnr_ci": [round(lo, 2), round(hi, 2)],
+            "search_seconds": round(float(seconds), 2),
+            "per_question": {"correct": "".join("1" if c else "0" for c in result.correct),
+                             "logit_noise": [float(f"{v:.5g}") for v in noise.tolist()]}}
+
+
+def accuracy_fields(result) -> dict:
+    lo, hi = result.interval()
+    return {"accuracy": round(result.overall, 4), "accuracy_ci": [round(lo, 4), round(hi, 4)]}
 
 
 def order_key(row: dict) -> tuple[int, int]:
@@ -75,26 +88,53 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted([r for r in old if (r["method"], r["setting"]) not in fresh] + new, key=order_key)
 
 
+def paired_vs(row: dict, other: dict, signal: list[float] | None) -> str:
+    """``other`` minus ``row`` on the same questions: SQNR difference [95% CI], accuracy points, McNemar p."""
+    from qvlm_export.evaluate.intervals import mcnemar_p, paired_sqnr_difference_interval
+
+    a, b = row.get("per_question"), other.get("per_question")
+    if not a or not b or signal is None or "logit_noise" not in a or "logit_noise" not in b:
+        return ""
+    lo, hi = paired_sqnr_difference_interval(signal, b["logit_noise"], a["logit_noise"])
+    ca, cb = [c == "1" for c in a["correct"]], [c == "1" for c in b["correct"]]
+    d_sqnr = other["logit_sqnr_db"] - row["logit_sqnr_db"]
+    return (f"{d_sqnr:+.2f} [{lo:+.2f}, {hi:+.2f}] dB, {100 * (other['accuracy'] - row['accuracy']):+.1f} pts "
+            f"(p={mcnemar_p(cb, ca):.2g})")
+
+
 def render_markdown(rows: list[dict], eval_data: str, sqnr_data: str, model_digest: str) -> str:
     fp = next((r for r in rows if r["method"] == "fp"), None)
+    signal = (fp or {}).get("per_question", {}).get("logit_signal")
     lines = [
         "# Simulated-quantization results on the embedded model",
         "",
         "Generated by `python tools/results_table.py` (do not edit by hand).",
         f"Model: the embedded tiny-llava-shapes (files digest `{model_digest[:16]}`).",
-        f"Accuracy: greedy exact match on `{eval_data}`. Logit SQNR: centred first-answer-token logits",
-        f"vs FP on `{sqnr_data}` (defined in `qvlm_export/evaluate/logits.py`). Search: calibration wall time.",
+        f"Accuracy: greedy exact match on `{eval_data}` with its Wilson 95% interval. Logit SQNR (the primary",
+        f"figure): centred first-answer-token logits vs FP on `{sqnr_data}` (defined in",
+        "`qvlm_export/evaluate/logits.py`), with a bootstrap 95% interval over questions. *Q-VLM minus this*:",
+        "the paired comparison on the same questions: SQNR difference with its paired bootstrap 95% interval,",
+        "accuracy difference and the exact McNemar p (an interval that excludes 0 / p < 0.05 separates the two).",
+        "Search: calibration wall time.",
         "Every row is `qvlm-export quantize --recipe <method>-<setting>` then `qvlm-export eval --quant`.",
         "*deployable* settings run on TensorRT / ONNX Runtime integer kernels; *simulated* ones only as fake-quant.",
         "",
-        "| setting | kind | method | accuracy | vs FP (points) | logit SQNR (dB) | search (s) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| setting | kind | method | accuracy [95% CI] | vs FP | logit SQNR dB [95% CI] | Q-VLM minus this (paired) "
+        "| search (s) |",
+        "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         kind = "reference" if r["method"] == "fp" else ("deployable" if r["deployable"] else "simulated")
         delta = "" if fp is None or r["method"] == "fp" else f"{100 * (r['accuracy'] - fp['accuracy']):+.1f}"
         sqnr = "" if r["logit_sqnr_db"] is None else f"{r['logit_sqnr_db']:.2f}"
-        lines.append(f"| {r['setting']} | {kind} | {r['method']} | {100 * r['accuracy']:.1f} | {delta} | {sqnr} "
+        if r.get("logit_sqnr_ci"):
+            sqnr += f" [{r['logit_sqnr_ci'][0]:.2f}, {r['logit_sqnr_ci'][1]:.2f}]"
+        acc = f"{100 * r['accuracy']:.1f}"
+        if r.get("accuracy_ci"):
+            acc += f" [{100 * r['accuracy_ci'][0]:.1f}, {100 * r['accuracy_ci'][1]:.1f}]"
+        qvlm = next((o for o in rows if o["method"] == "qvlm" and o["setting"] == r["setting"]), None)
+        vs = paired_vs(r, qvlm, signal) if qvlm is not None and r["method"] not in ("qvlm", "fp") else ""
+        lines.append(f"| {r['setting']} | {kind} | {r['method']} | {acc} | {delta} | {sqnr} | {vs} "
                      f"| {r['search_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -114,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.evaluate.intervals import sqnr_terms
     from qvlm_export.evaluate.logits import LOGIT_SQNR_DATA, next_token_logits
 
     sqnr_data = args.sqnr_data or LOGIT_SQNR_DATA
@@ -131,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(fp)
         print(f"{'fp':12s} {'fp':6s} acc {fp['accuracy']:.4f}", flush=True)
     fp_logits = next_token_logits(fp_vlm, load_dataset(sqnr_data))
+    fp["per_question"]["logit_signal"] = [float(f"{v:.5g}") for v in sqnr_terms(fp_logits, fp_logits)[0].tolist()]
     with tempfile.TemporaryDirectory() as tmp:
         states = Path(args.states_dir) if args.states_dir else Path(tmp)
         for method in (m for m in methods if m != "fp"):

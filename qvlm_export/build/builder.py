@@ -10,7 +10,7 @@ mode TensorRT 11 keeps, so the same code builds on TensorRT 10 and 11.
 Engine directory::
 
     vision.engine  embed.engine  decoder.engine
-    bundle/        the bundle's bundle.json and processor/ (no weights): runners need no bundle path
+    bundle/        the bundle's bundle.json, config and processor files (no weights): runners need no bundle path
     manifest.json  TensorRT version, GPU, profile + hash, shapes per optimization profile, input hashes
 """
 

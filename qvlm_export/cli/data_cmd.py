@@ -25,3 +25,17 @@ def data_command(
     with atomic_directory(out) as tmp:
         write_manifest(samples, tmp)
     typer.echo(f"wrote {len(samples)} samples to {out / 'manifest.jsonl'}")
+
+
+@app.command("lmms-task")
+def lmms_task_command(
+    data: Annotated[Path, typer.Option(help="JSONL manifest (qvlm-export data writes one)")],
+    out: Annotated[Path, typer.Option(help="directory for the task YAML and its utils module")],
+    name: Annotated[str, typer.Option(help="task name for lmms-eval --tasks")] = "qvlm_vqa",
+) -> None:
+    """Write an lmms-eval task over a JSONL manifest (run it with lmms-eval --include_path OUT --tasks NAME)."""
+    from ..evaluate.lmms_task import write_task
+
+    path = write_task(data, out, name)
+    typer.echo(f"wrote {path}: lmms-eval --model qvlm_export --model_args bundle=B --include_path {out} "
+               f"--tasks {name}")

@@ -61,13 +61,46 @@ def run_command(
     term = console()
     result = run_pipeline(resolved, log=lambda m: term.log(m), progress=progress)
     print_stages(result, term)
-    print_report(result.report, term, result.out / "report")
+    print_report(result.report, term, result.out / "report", said=frozenset(result.skipped))
     bad = [s for s, ok in result.check_trt.items() if not ok]
     if bad:
         from ..errors import ParityFailure
 
         raise ParityFailure(f"check-trt failed for {', '.join(bad)}: see {result.out / 'check-trt'}")
     fail_on(result.report)
+
+
+def stage_results(result) -> dict[str, str]:
+    """What each stage produced, for the stage table: Linears quantized, bundle bytes, check-trt, accuracy."""
+    import json
+
+    from rich.markup import escape
+
+    from ..runtime.bundle import read_bundle
+    from ..validate.summary import fmt_accuracy, fmt_bytes, fmt_delta, summary_rows
+
+    notes: dict[str, str] = {}
+    fp_bytes = None
+    for name in [*result.seconds, *result.reused]:
+        setting = name.split()[-1]
+        if name.startswith("quantize"):
+            state = result.out / "quant" / setting / "state.json"
+            if state.is_file():
+                notes[name] = f"{len(json.loads(state.read_text()).get('layers', {}))} Linears quantized"
+        elif name.startswith("export"):
+            size = read_bundle(result.out / "bundles" / setting, verify=False).graph_bytes()
+            fp_bytes = size if setting == "fp" else fp_bytes
+            notes[name] = fmt_bytes(size) + (f" ({size / fp_bytes:.2f}x FP)" if fp_bytes and setting != "fp" else "")
+        elif name.startswith("check-trt"):
+            notes[name] = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
+        elif name.startswith("build"):
+            notes[name] = result.engines.get(name.split()[1], "")
+    if result.report is not None:
+        rows = summary_rows(result.report.to_json())
+        notes["validate"] = "; ".join(
+            f"{escape(r.name)} {'[green]PASS[/]' if r.passed else '[red]FAIL[/]'} acc {escape(fmt_accuracy(r))} {fmt_delta(r)}"
+            + (f", worst {r.worst.stat} {r.worst.value:.4g} ({r.worst.graph})" if r.worst else "") for r in rows)
+    return notes
 
 
 def print_stages(result, term) -> None:
@@ -78,14 +111,11 @@ def print_stages(result, term) -> None:
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("result")
+    notes = stage_results(result)
     for name, seconds in result.seconds.items():
-        setting = name.split()[-1]
-        note = ""
-        if name.startswith("check-trt"):
-            note = "OK" if result.check_trt.get(setting) else "[red]violations[/]"
-        table.add_row(name, f"{seconds:.1f}", note)
+        table.add_row(name, f"{seconds:.1f}", notes.get(name, ""))
     for name in result.reused:
-        table.add_row(name, "-", "up to date (skipped)")
+        table.add_row(name, "-", "up to date (skipped)" + (f"; {notes[name]}" if notes.get(name) else ""))
     for line in result.skipped:
         table.add_row(escape(line.split(":")[0]), "-", f"[yellow]{escape(line.split(':', 1)[1].strip())}[/]")
     term.print(table)

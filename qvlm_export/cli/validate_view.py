@@ -8,6 +8,7 @@ from rich.markup import escape
 
 from ..errors import ParityFailure
 from ..validate.report import ValidationReport
+from ..validate.summary import failure_sentence
 
 MAX_LINES = 20
 
@@ -29,8 +30,20 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
-def print_report(report: ValidationReport, out, report_dir: Path) -> None:
-    """A summary table (one row per candidate and runner) and the failing checks."""
+def skipped_once(report: ValidationReport) -> dict[str, list[str]]:
+    """Each skip line (e.g. why there is no TensorRT) with the candidates it applies to, in first-seen order."""
+    lines: dict[str, list[str]] = {}
+    for c in report.candidates:
+        for line in c.skipped:
+            lines.setdefault(line, []).append(c.name)
+    return lines
+
+
+def print_report(report: ValidationReport, out, report_dir: Path, said: frozenset[str] = frozenset()) -> None:
+    """A summary table (one row per candidate and runner), each skip reason once, what failed, the failing checks.
+
+    ``said``: skip lines already printed (the run's stage table), not repeated here.
+    """
     from rich.table import Table
 
     table = Table(title="qvlm-export validation (worst graph output per runner; thresholds in report.html)")
@@ -51,15 +64,19 @@ def print_report(report: ValidationReport, out, report_dir: Path) -> None:
                           _fmt(_worst(c, runner, "max_abs")), _fmt(t.candidate.overall if t else None),
                           _fmt(t.reference.overall if t else None), _fmt(t.identical if t else None),
                           "[green]PASS[/]" if ok else "[red]FAIL[/]")
-        for line in c.skipped:
-            table.add_row(escape(c.name), c.setting, escape(line), "", "", "", "", "", "", "[yellow]skipped[/]")
     out.print(table)
+    for line, names in skipped_once(report).items():
+        if line in said:
+            continue
+        who = "every candidate" if len(names) == len(report.candidates) else ", ".join(names)
+        out.print(f"[yellow]skipped[/] {escape(line)} ({escape(who)})", highlight=False, soft_wrap=True)
     for c in report.candidates:
         verdicts = ", ".join(f"{k} {'[green]PASS[/]' if ok else '[red]FAIL[/]'}" for k, ok in c.verdicts().items())
         fidelity = c.export_checks.get("fidelity")
         out.print(f"{escape(c.name)}: {verdicts}" + (f" (fidelity {escape(fidelity)})" if fidelity else ""),
                   highlight=False, soft_wrap=True)
     out.print(f"quality bounds: {escape(report.thresholds.source)}", highlight=False, soft_wrap=True)
+    out.print(escape(failure_sentence(report.to_json())), highlight=False, soft_wrap=True)
     failures = report.failures()
     for line in failures[:MAX_LINES]:
         out.print(f"[red]FAIL[/] {escape(line)}", highlight=False, soft_wrap=True)

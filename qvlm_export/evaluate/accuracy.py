@@ -27,6 +27,13 @@ class EvalResult:
     by_type: dict[str, float]
     n: int
     predictions: list[str] = field(default_factory=list, repr=False)
+    correct: list[bool] = field(default_factory=list, repr=False)  # per question, in order: for paired tests
+
+    def interval(self) -> tuple[float, float]:
+        """Wilson 95% interval of ``overall``."""
+        from .intervals import wilson_interval
+
+        return wilson_interval(round(self.overall * self.n), self.n)
 
     def to_json(self) -> dict:
         return {"overall": self.overall, "by_type": self.by_type, "n": self.n}
@@ -39,12 +46,13 @@ class EvalResult:
 
 def score(samples: list[Sample], predictions: list[str]) -> EvalResult:
     hits: dict[str, list[bool]] = defaultdict(list)
+    every = []
     for s, p in zip(samples, predictions, strict=True):
-        hits[s.qtype].append(normalize_answer(p) == normalize_answer(s.answer))
-    every = [h for v in hits.values() for h in v]
+        every.append(normalize_answer(p) == normalize_answer(s.answer))
+        hits[s.qtype].append(every[-1])
     by_type = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
     return EvalResult(overall=sum(every) / max(len(every), 1), by_type=by_type, n=len(every),
-                      predictions=list(predictions))
+                      predictions=list(predictions), correct=every)
 
 
 def evaluate(answerer: Answerer, samples: list[Sample], batch_size: int = 32,
@@ -69,4 +77,5 @@ def result_from_dict(d: dict) -> EvalResult:
 def as_dict(result: EvalResult) -> dict:
     d = asdict(result)
     d.pop("predictions", None)
+    d.pop("correct", None)
     return d

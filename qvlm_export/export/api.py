@@ -1,8 +1,9 @@
 """``export_bundle``: the export stage's one Python entry point (the CLI's ``export`` calls it).
 
 model (+ quant state) -> simulated weights -> every Linear marked (:mod:`.qlinear`) ->
-three traced graphs (:mod:`.trace`) -> graph passes (:mod:`.passes`) -> checked ONNX files,
-``processor/``, ``bundle.json`` and ``manifest.json``, written atomically.
+three traced graphs (:mod:`.trace`) -> graph passes (:mod:`.passes`) -> checked ONNX files
+under ``onnx/`` with the config, processor and tokenizer files transformers.js loads
+(:mod:`.hf_layout`), ``bundle.json`` and ``manifest.json``, written atomically.
 """
 
 from __future__ import annotations
@@ -161,12 +162,17 @@ def quant_summary(state, quant: str | Path | None) -> dict[str, Any]:
             "layers": len(state.layers), "state_sha256": digest(hash_tree(Path(quant)))}
 
 
-def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO, int]:
-    """Trace, lower and save one graph (:mod:`.save` picks one file or external data); (I/O, float bytes)."""
+def _export_one(spec, config: ExportConfig, ctx, out_dir: Path, weight_bits: int | None) -> tuple[GraphIO, int]:
+    """Trace, lower and save one graph (:mod:`.save` picks one file or external data); (I/O, float bytes).
+
+    The file is named after what it holds (:mod:`.hf_layout`): ``weight_bits`` of the
+    state's layers when the passes lowered any of them into this graph, else a float graph.
+    """
     import shutil
 
     from onnx import TensorProto
 
+    from .hf_layout import data_file, graph_file, js_dtype
     from .passes import DEFAULT_PASSES, run_passes
     from .qlinear import translation_table
     from .save import initializer_bytes, save_graph, stream_to_scratch, to_proto
@@ -175,7 +181,6 @@ def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO
     traced = trace_graph(spec, config, translation_table())
     traced_bytes = initializer_bytes(traced)
     scratch = out_dir / f".{spec.name}-scratch" if traced_bytes > config.external_data_bytes else None
-    path = out_dir / f"{spec.name}.onnx"
     try:
         if scratch is None:
             model = to_proto(traced)
@@ -186,6 +191,9 @@ def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO
         run_passes(model, ctx, DEFAULT_PASSES, spec.name)
         if ctx.store is not None:
             ctx.store.close()  # flushed before save_graph reads lowered.data back
+        file = graph_file(spec.name, js_dtype(config.dtype, weight_bits if ctx.lowered else None))
+        path = out_dir / file
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_graph(model, path, scratch)
     finally:
         if ctx.store is not None:
@@ -193,11 +201,12 @@ def _export_one(spec, config: ExportConfig, ctx, out_dir: Path) -> tuple[GraphIO
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     total = sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_type != TensorProto.UNDEFINED)
-    data = path.with_name(f"{path.name}.data")
-    io = GraphIO(file=path.name, inputs=tuple(spec.input_names), outputs=tuple(spec.output_names),
+    data = data_file(path)
+    io = GraphIO(file=file, inputs=tuple(spec.input_names), outputs=tuple(spec.output_names),
                  sha256=sha256_file(path), weight_bytes={"total": total, "linear": ctx.linear_bytes,
                                                          "linear_fp16": ctx.linear_fp16_bytes},
-                 **({"data_file": data.name, "data_sha256": sha256_file(data)} if data.is_file() else {}))
+                 **({"data_file": str(data.relative_to(out_dir)), "data_sha256": sha256_file(data)}
+                    if data.is_file() else {}))
     return io, traced_bytes
 
 
@@ -209,12 +218,13 @@ def export_graphs(vlm, state, config: ExportConfig, out_dir: Path,
 
     float_dtype = np.dtype(np.float16 if config.dtype == "fp16" else np.float32)
     layers = dict(state.layers) if state is not None else {}
+    bits = state.recipe.weights.bits if state is not None else None
     graphs, lowered = {}, set()
     for spec in graph_specs(vlm.model, config):
         if log:
             log(f"exporting {spec.name}")
         ctx = PassContext(float_dtype, layers)
-        graphs[spec.name], _ = _export_one(spec, config, ctx, out_dir)
+        graphs[spec.name], _ = _export_one(spec, config, ctx, out_dir, bits)
         lowered |= set(ctx.lowered)
     missing = sorted(set(layers) - lowered)
     if missing:
@@ -265,6 +275,7 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
 
     from ..load.model import resolve_model_path
     from ..quant.state import load_state
+    from .hf_layout import write_hf_files
 
     config = config or ExportConfig()
     if dtype is not None:
@@ -276,9 +287,10 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
     spec = model_spec(vlm)
     with atomic_directory(Path(out)) as tmp:
         graphs = export_graphs(vlm, state, config, tmp, log)
-        vlm.processor.save_pretrained(tmp / "processor")
+        write_hf_files(vlm, tmp, {g: io.file for g, io in graphs.items()},
+                       {g for g, io in graphs.items() if io.data_file})
         info = BundleInfo(path=tmp, dtype=config.dtype, opset=config.opset, graphs=graphs, model=spec,
-                          quant=quant_summary(state, quant))
+                          quant=quant_summary(state, quant), processor=".")
         write_bundle_json(info, tmp)
         recorded, inputs = export_identity(vlm.path, quant, config)
         # Where the bundle came from: validate rebuilds the quant state's simulated model from these to

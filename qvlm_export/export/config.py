@@ -30,7 +30,7 @@ class ExportConfig:
     example_past: int = 4
     attn_implementation: str = "eager"  # softmax stays an explicit float op, as TensorRT wants
     # A graph whose traced weights exceed this many bytes is written as ONNX external data
-    # (<graph>.onnx.data) without ever building one protobuf: protobuf stops at 2 GB, and the
+    # (<graph>.onnx_data) without ever building one protobuf: protobuf stops at 2 GB, and the
     # in-memory proto would be a second copy of the weights. Tests lower it to exercise the path.
     external_data_bytes: int = 1_000_000_000
     version: int = EXPORT_CONFIG_VERSION

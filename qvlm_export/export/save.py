@@ -14,7 +14,8 @@ building one would hold a second copy of every weight):
    every tensor they create is appended to ``scratch/lowered.data`` (:class:`ExternalStore`)
    instead of staying in the proto;
 4. ``onnx_ir`` re-reads the lowered graph lazily (memory-mapped) and streams the tensors
-   that survived the passes into ``<graph>.onnx.data`` next to ``<graph>.onnx``.
+   that survived the passes into ``<graph>.onnx_data`` next to ``<graph>.onnx`` (the name
+   transformers.js and optimum load).
 
 Peak memory of the stage is therefore the torch model plus about one tensor.
 """
@@ -79,7 +80,7 @@ def stream_to_scratch(ir_model, scratch: Path) -> tuple[onnx.ModelProto, Externa
 
 
 def save_graph(model: onnx.ModelProto, path: Path, scratch: Path | None = None) -> None:
-    """Write one graph; with ``scratch`` (external path) its weights go to ``<name>.data``. Checked fully."""
+    """Write one graph; with ``scratch`` (external path) its weights go to ``<name>_data``. Checked fully."""
     if scratch is None:
         onnx.save(model, str(path))
     else:
@@ -87,7 +88,7 @@ def save_graph(model: onnx.ModelProto, path: Path, scratch: Path | None = None) 
 
         onnx.save(model, str(scratch / "lowered.onnx"))
         lazy = onnx_ir.load(scratch / "lowered.onnx")  # tensors stay memory-mapped external tensors
-        onnx_ir.save(lazy, path, external_data=f"{path.name}.data", size_threshold_bytes=SMALL_TENSOR_BYTES,
+        onnx_ir.save(lazy, path, external_data=f"{path.name}_data", size_threshold_bytes=SMALL_TENSOR_BYTES,
                      max_workers=1, max_in_flight_bytes=1 << 28)
         del lazy
     try:
@@ -98,5 +99,5 @@ def save_graph(model: onnx.ModelProto, path: Path, scratch: Path | None = None) 
 
 def graph_files(path: Path) -> list[Path]:
     """The graph file and its external data file, if any (what hashing and copying must include)."""
-    data = path.with_name(f"{path.name}.data")
+    data = path.with_name(f"{path.name}_data")
     return [path, data] if data.is_file() else [path]

@@ -2,9 +2,11 @@
 
 Each graph is described by a :class:`GraphSpec` (example inputs, I/O names, dynamic axes
 as ``torch.export.Dim``); :func:`trace_graph` exports it. Dims are shared by name across a
-graph's inputs (``batch``, ``seq``, ``past``), so ONNX Runtime and TensorRT see one
-symbolic size per role; the attention mask's length is its own axis (``total``), which
-the model ties to ``past + seq``.
+graph's inputs, so ONNX Runtime and TensorRT see one symbolic size per role; the attention
+mask's length is its own axis, which the model ties to ``past + seq``. The names are
+optimum's (``batch_size``, ``sequence_length``, ``past_sequence_length``,
+``total_sequence_length``): transformers.js builds the first step's empty past tensors from
+them and knows no others (an unknown name becomes size 0, a batch of 0).
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ class GraphSpec:
     dynamic_shapes: tuple[Any, ...]
 
 
+DIM_NAMES = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence_length",
+             "total": "total_sequence_length"}  # role -> the symbolic name written into the graphs
+
+
 def _dims() -> dict[str, Any]:
-    Dim = torch.export.Dim
-    return {"batch": Dim("batch", min=1, max=4096), "seq": Dim("seq", min=1, max=1 << 16),
-            "past": Dim("past", min=0, max=1 << 16), "total": Dim("total", min=1, max=1 << 17)}
+    Dim, n = torch.export.Dim, DIM_NAMES
+    return {"batch": Dim(n["batch"], min=1, max=4096), "seq": Dim(n["seq"], min=1, max=1 << 16),
+            "past": Dim(n["past"], min=0, max=1 << 16), "total": Dim(n["total"], min=1, max=1 << 17)}
 
 
 def graph_specs(model: nn.Module, config: ExportConfig) -> list[GraphSpec]:

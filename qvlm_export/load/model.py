@@ -20,6 +20,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
         raise QvlmError(f"model path {str(path)!r} does not exist; pass --model with a local Hugging Face directory")
     if not path.is_dir():
         raise QvlmError(f"model path {str(path)!r} is a file; pass --model with a Hugging Face model directory")
+    if (path / "bundle.json").is_file():  # an exported bundle has config.json but no weights
+        raise QvlmError(f"{str(path)!r} is an ONNX bundle, not a Hugging Face model directory; pass it as --bundle "
+                        "(or pass --model with the directory it was exported from)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise QvlmError(f"{str(path)!r} has no config.json; it is not a Hugging Face model directory")

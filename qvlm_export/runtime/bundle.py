@@ -2,11 +2,17 @@
 
 Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
 
-    vision.onnx  embed.onnx  decoder.onnx   the three graphs (opset 21; fp32 or fp16 interface)
-    <graph>.onnx.data                      its weights, for graphs over ExportConfig.external_data_bytes
-    processor/                             the model's processor + tokenizer (save_pretrained)
-    bundle.json                            this description (format below)
-    manifest.json                          versions, resolved export config, input/output hashes
+    onnx/vision_encoder{sfx}.onnx  onnx/embed_tokens{sfx}.onnx  onnx/decoder_model_merged{sfx}.onnx
+                                   the three graphs (opset 21; fp32 or fp16 interface), named as
+                                   transformers.js loads them ({sfx}: dtype suffix, see export.hf_layout)
+    onnx/<file>.onnx_data          its weights, for graphs over ExportConfig.external_data_bytes
+    config.json, processor and tokenizer files   the HF model directory minus its weights
+    bundle.json                    this description (format below)
+    manifest.json                  versions, resolved export config, input/output hashes
+
+Bundles written before the HF layout keep ``vision.onnx`` etc. at the top and the
+processor in ``processor/``; every reader goes through ``graphs.*.file`` and
+``processor``, so both layouts load.
 
 ``bundle.json``::
 
@@ -17,7 +23,7 @@ Bundle directory (written by :func:`qvlm_export.export.api.export_bundle`)::
                "hidden_size", "vocab_size", "image_seq_length", "image_size", "max_positions"},
      "quant": {"setting", "method", "deployable", "runs_on", "weight_bits", "act_bits", "group_size",
                "layers", "state_sha256"},
-     "processor": "processor"}
+     "processor": "."}   (the processor's directory, relative to the bundle)
 
 ``weight_bytes.linear`` counts the Linear weights as stored (integer codes + scales for
 quantized layers), ``linear_fp16`` what the same weights take in fp16.
@@ -100,6 +106,12 @@ class BundleInfo:
         if not path.is_file():
             raise QvlmError(f"bundle {str(self.path)!r} lacks {self.graphs[graph].file}; re-run `qvlm-export export`")
         return path
+
+    def graph_bytes(self) -> int:
+        """Bytes of the three graphs on disk, external data included (what a client downloads for weights)."""
+        files = [self.path / io.file for io in self.graphs.values()]
+        files += [self.path / io.data_file for io in self.graphs.values() if io.data_file]
+        return sum(f.stat().st_size for f in files if f.is_file())
 
     def load_processor(self):
         """The processor saved in the bundle (left padding, as generation needs)."""

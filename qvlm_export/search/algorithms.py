@@ -80,7 +80,8 @@ def _qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str = "group", group_size: int = 128,
                   symmetric: bool = True, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  static_groups: bool = False, fixed_scale: torch.Tensor | None = None,
+                  seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ: quantize the columns of ``w`` one by one, spreading each rounding error over the rest.
 
     Follows the reference ``GPTQ.fasterquant``: dead inputs (``H_jj = 0``) are zeroed,
@@ -90,6 +91,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
     ``static_groups`` (forced by ``act_order``), from the original weights up front, so the
     groups stay contiguous along ``in``: the deployable blocked format.
 
+    ``fixed_scale`` (symmetric only) walks a given grid instead, e.g. an MSE-clipped one.
+    ``seen``, an ``[out, in]`` float tensor, receives each column as the walk rounded it
+    (the weight after the error feedback of the earlier columns): rounding it to nearest
+    gives the codes, which lets a rounding search start exactly at GPTQ's solution.
+
     Returns ``(codes int32 [out, in], scale, zero_point)`` in the layout of ``granularity``.
     """
     w = w.detach().float().clone()
@@ -98,8 +104,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    static_groups = static_groups or act_order
-    if granularity == "group":
+    static_groups = static_groups or act_order or fixed_scale is not None
+    if fixed_scale is not None:
+        if not symmetric:
+            raise QvlmError("gptq: a fixed weight grid is only supported for symmetric quantization")
+        scale, zero = fixed_scale.detach().float().clone(), torch.zeros_like(fixed_scale, dtype=torch.int32)
+    elif granularity == "group":
         n_groups = math.ceil(in_f / group_size)
         scale = torch.zeros(out_f, n_groups, device=w.device)
         zero = torch.zeros(out_f, n_groups, dtype=torch.int32, device=w.device)
@@ -129,6 +139,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
                 s, z = (scale, zero) if granularity == "channel" else (scale.expand(out_f), zero.expand(out_f))
             q = torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax)
             codes[:, col] = q.to(torch.int32)
+            if seen is not None:
+                seen[:, col] = w1[:, i]
             err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err

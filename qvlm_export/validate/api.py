@@ -122,7 +122,8 @@ def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleIn
     name = spec.name or Path(spec.bundle).name
     result = CandidateResult(name=name, bundle=str(spec.bundle), setting=info.setting,
                              deployable=bool(info.quant.get("deployable", True)), runs_on=str(info.quant.get("runs_on")),
-                             method=info.quant.get("method"), skipped=list(spec.skipped))
+                             method=info.quant.get("method"), skipped=list(spec.skipped),
+                             bundle_bytes=info.graph_bytes())
     fidelity = _export_checks(reference, spec, info, config, result, log)
     for graph in GRAPHS:
         runners = _graph_runners(info, spec, graph, config, reference.info)
@@ -223,6 +224,7 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
             timings[results[-1].name] = time.perf_counter() - start
         report = ValidationReport(
             reference={"path": reference.path, "kind": reference.kind, "setting": "fp", "dtype": reference.info.dtype,
+                       "bundle_bytes": reference.info.graph_bytes(),
                        "eval": ref_eval.to_json() if ref_eval is not None else None},
             candidates=results, thresholds=thresholds, config=config.to_dict(), timings_s=timings)
         write_report_files(report, tmp)

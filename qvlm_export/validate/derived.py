@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import QvlmError
 from ..manifest import digest, hash_tree
-from ..runtime.bundle import GRAPHS
+from ..runtime.bundle import BUNDLE_FILE, GRAPHS
 from .fidelity import SimulatedGraphs, SimulatedSource, masked_error, recorded_sources
 from .stats import worst
 from .thresholds import Bounds, ThresholdConfig
@@ -49,7 +49,7 @@ def reference_model(reference_path: Path) -> tuple[Path | None, str | None]:
     from ..manifest import read_manifest
 
     path = Path(reference_path)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() and not (path / BUNDLE_FILE).is_file():  # bundles have a config.json too
         return path, digest(hash_tree(path))
     if not (path / "manifest.json").is_file():
         return None, None

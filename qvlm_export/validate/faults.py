@@ -30,16 +30,22 @@ class Fault:
     settings: tuple[str, ...] = ("w8a8", "w4a16", "w4a8", "w3a16")
 
 
+def _graph_path(bundle: Path, graph: str) -> Path:
+    from ..runtime.bundle import read_bundle
+
+    return read_bundle(bundle, verify=False).graph_path(graph)
+
+
 def _load(bundle: Path, graph: str):
     import onnx
 
-    return onnx.load(str(bundle / f"{graph}.onnx"), load_external_data=True)
+    return onnx.load(str(_graph_path(bundle, graph)), load_external_data=True)
 
 
 def _save(model, bundle: Path, graph: str) -> None:
     import onnx
 
-    onnx.save(model, str(bundle / f"{graph}.onnx"))
+    onnx.save(model, str(_graph_path(bundle, graph)))
 
 
 def _initializer(model, suffix: str, layer_hint: str):
@@ -145,13 +151,17 @@ def _image_token(raw: dict) -> str:
 
 
 def _processor_image_size(bundle: Path) -> str:
-    path = next((bundle / "processor").glob("*processor_config.json"))
-    raw = json.loads(path.read_text())
-    proc = raw.get("image_processor", raw)
-    side = int(proc.get("crop_size", {}).get("height", 64)) * 3 // 4
-    proc["crop_size"] = {"height": side, "width": side}
-    proc["size"] = {"shortest_edge": side}
-    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    from ..runtime.bundle import read_bundle
+
+    side = 0
+    # processor_config.json (Python) and preprocessor_config.json (transformers.js) both hold it
+    for path in sorted((bundle / read_bundle(bundle, verify=False).processor).glob("*processor_config.json")):
+        raw = json.loads(path.read_text())
+        proc = raw.get("image_processor", raw)
+        side = int(proc.get("crop_size", {}).get("height", 64)) * 3 // 4
+        proc["crop_size"] = {"height": side, "width": side}
+        proc["size"] = {"shortest_edge": side}
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return f"processor: image size -> {side}"
 
 

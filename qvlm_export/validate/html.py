@@ -8,6 +8,7 @@ from typing import Any
 
 from . import plots
 from .stats import STAT_NAMES
+from .summary import failure_sentence, fmt_accuracy, fmt_bytes_vs_fp, fmt_decode, fmt_delta, summary_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -20,6 +21,9 @@ td.l,th.l{text-align:left}.pass{color:#19692c;font-weight:600}.fail{color:#b3261
 .badge{display:inline-block;padding:4px 12px;border-radius:4px;color:#fff;font-weight:700}
 .badge.pass{background:#19692c}.badge.fail{background:#b3261e}.muted{color:#666}
 img{max-width:100%;border:1px solid #eee;margin:6px 0}code{background:#f5f5f5;padding:1px 4px}
+table.summary{font-size:14px}table.summary td{vertical-align:top}p.lead{font-size:16px;margin:8px 0 4px}
+details{margin:10px 0}details>summary{cursor:pointer;font-size:18px;font-weight:600;padding:6px 0;
+border-bottom:2px solid #ddd}details>summary h2{display:inline;border:0;font-size:20px}
 """
 
 
@@ -163,19 +167,45 @@ def _verdicts_section(c: dict) -> str:
 
 
 def _candidate(c: dict) -> str:
+    """One candidate's details, collapsible (open when it failed: that is what the reader came for)."""
     skipped = "".join(f"<li>{escape(s)}</li>" for s in c["skipped"])
     setting = (f'setting <b>{escape(c["setting"].upper())}</b> ({"deployable" if c["deployable"] else "simulated only"}'
                f'; runs on: {escape(c["runs_on"])})')
     return "".join([
-        f'<h2>{escape(c["name"])} {_verdict(c["passed"])}</h2>',
+        f'<details{"" if c["passed"] else " open"}><summary><h2>{escape(c["name"])}</h2> {_verdict(c["passed"])} '
+        '<span class="muted">details</span></summary>',
         f'<p>{setting}; method <code>{escape(str(c.get("method")))}</code>; bundle <code>{escape(c["bundle"])}</code></p>',
         f"<ul>{skipped}</ul>" if skipped else "",
-        _verdicts_section(c), _parity_section(c), _task_section(c), _layers_section(c),
+        _verdicts_section(c), _parity_section(c), _task_section(c), _layers_section(c), "</details>",
     ])
 
 
+def _summary_section(report: dict[str, Any]) -> str:
+    """The first screen: one row per candidate, then the sentence saying what failed."""
+    rows = []
+    for r in summary_rows(report):
+        worst = escape(r.worst.text()) if r.worst else "-"
+        worst_cell = f'<td class="l {"ok" if r.worst is None or r.worst.passed else "bad"}">{worst}</td>'
+        verdict = _verdict(r.passed) + (f'<br><span class="thr">{escape(", ".join(r.failed_verdicts))}</span>'
+                                        if r.failed_verdicts else "")
+        rows.append([escape(r.name), escape(r.setting.upper()), verdict, worst_cell,
+                     escape(fmt_accuracy(r)) + (f'<br><span class="thr">{escape(r.accuracy_runner)}</span>'
+                                                if r.accuracy_runner else ""),
+                     escape(fmt_delta(r)), escape(fmt_bytes_vs_fp(r)), escape(fmt_decode(r))])
+    headers = ["candidate", "setting", "verdict", "worst graph check (vs its bound)",
+               "accuracy [Wilson 95%]", "delta vs FP", "bundle bytes", "decoder time per feed"]
+    table = _table(headers, rows, left=4).replace("<table>", '<table class="summary">', 1)
+    return f'{table}<p class="lead">{escape(failure_sentence(report))}</p>'
+
+
+def _skipped_once(report: dict[str, Any]) -> str:
+    """Skip reasons shared by every candidate (no TensorRT here), said once."""
+    shared = set.intersection(*[set(c["skipped"]) for c in report["candidates"]]) if report["candidates"] else set()
+    return "".join(f'<p class="muted">{escape(line)}</p>' for line in sorted(shared))
+
+
 def render_html(report: dict[str, Any]) -> str:
-    """The whole page for a ``report.json`` mapping."""
+    """The whole page for a ``report.json`` mapping: the summary first, every detail below it."""
     passed = report["passed"]
     failures = "".join(f"<li><code>{escape(f)}</code></li>" for f in report["failures"])
     ref = report["reference"]
@@ -183,10 +213,12 @@ def render_html(report: dict[str, Any]) -> str:
     body = "".join([
         f'<h1>qvlm-export validation <span class="badge {"pass" if passed else "fail"}">'
         f'{"PASSED" if passed else "FAILED"}</span></h1>',
-        f'<p>Reference: <code>{escape(str(ref.get("path")))}</code> ({escape(str(ref.get("kind")))}); '
-        f'thresholds: <code>{escape(report["thresholds"]["source"])}</code>.</p>',
-        f"<p class=\"muted\">Stage times: {timings}</p>" if timings else "",
-        f"<h2>Failures</h2><ul>{failures}</ul>" if failures else "",
+        _summary_section(report), _skipped_once(report),
+        f'<p class="muted">Reference: <code>{escape(str(ref.get("path")))}</code> ({escape(str(ref.get("kind")))}); '
+        f'thresholds: <code>{escape(report["thresholds"]["source"])}</code>.'
+        + (f" Stage times: {timings}." if timings else "") + "</p>",
+        f'<details><summary>Failing checks ({len(report["failures"])})</summary><ul>{failures}</ul></details>'
+        if failures else "",
         *[_candidate(c) for c in report["candidates"]],
     ])
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -42,6 +42,7 @@ class CandidateResult:
     # Exact checks (see .static_checks): {"weights"|"metadata"|"runtime": [problem, ...]}; "fidelity": None when the
     # simulated-model comparison ran, else why it could not.
     export_checks: dict[str, Any] = field(default_factory=dict)
+    bundle_bytes: int | None = None  # the graphs on disk (summary: bytes against the FP bundle)
 
     @property
     def export_problems(self) -> list[str]:
@@ -73,7 +74,7 @@ class CandidateResult:
                 "runs_on": self.runs_on, "method": self.method, "passed": self.passed, "skipped": self.skipped,
                 "verdicts": self.verdicts(), "export_checks": self.export_checks,
                 "graphs": [g.to_json() for g in self.graphs], "task": [t.to_json() for t in self.task],
-                "layers": self.layers}
+                "layers": self.layers, "bundle_bytes": self.bundle_bytes}
 
 
 @dataclass

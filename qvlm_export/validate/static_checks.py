@@ -88,17 +88,34 @@ def _first_difference(got: np.ndarray, want: np.ndarray) -> str:
     return f"{len(diff)} of {got.size} elements, first at {list(index)}: {got[index]} vs {laid_out[index]}"
 
 
+def processor_files(info: BundleInfo) -> dict[str, str]:
+    """Hashes of what the processor reads: its directory, or at a bundle's root (HF layout) the top-level
+    files besides bundle.json, with config.json less its per-file transformers.js dtypes (those differ)."""
+    import hashlib
+    import json
+
+    from ..export.hf_layout import JS_CONFIG_KEY
+    from ..manifest import hash_tree
+    from ..runtime.bundle import BUNDLE_FILE
+
+    root = Path(info.path) / info.processor
+    if info.processor not in (".", ""):
+        return hash_tree(root)
+    files = {n: h for n, h in hash_tree(root).items() if "/" not in n and n not in (BUNDLE_FILE, "config.json")}
+    if (root / "config.json").is_file():
+        config = {k: v for k, v in json.loads((root / "config.json").read_text()).items() if k != JS_CONFIG_KEY}
+        files["config.json"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return files
+
+
 def metadata_matches(reference: BundleInfo, candidate: BundleInfo) -> list[str]:
     """One line per runtime-metadata field or processor file that differs from the FP reference bundle's."""
-    from ..manifest import hash_tree
-
     problems = []
     ref_model, cand_model = asdict(reference.model), asdict(candidate.model)
     for key in sorted(ref_model):
         if ref_model[key] != cand_model.get(key):
             problems.append(f"bundle.json model.{key} is {cand_model.get(key)!r}, the reference's is {ref_model[key]!r}")
-    ref_files = hash_tree(Path(reference.path) / reference.processor)
-    cand_files = hash_tree(Path(candidate.path) / candidate.processor)
+    ref_files, cand_files = processor_files(reference), processor_files(candidate)
     for name in sorted(set(ref_files) | set(cand_files)):
         if ref_files.get(name) != cand_files.get(name):
             state = "missing" if name not in cand_files else ("extra" if name not in ref_files else "differs")

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from ...quant.calibrate import BlockContext
-from ...quant.modules import QuantLinear, activation_scale, rtn_layer, set_submodule
+from ...quant.modules import QuantLinear, activation_scale, rtn_layer
 from .config import QVLMConfig
 from .entropy import probe_scale
 from .search_linear import SearchLinear, act_quant_error, mse_act_scale
+from .start import choose_start, swap_module
 
 EntropyTerm = Callable[[dict[str, SearchLinear]], torch.Tensor]
 
@@ -46,12 +46,6 @@ class SearchHooks:
     token_weights: list[torch.Tensor] | None = None
     extra_loss: Callable[[dict[str, SearchLinear], int], torch.Tensor] | None = None
     param_groups: list[dict] = field(default_factory=list)
-
-
-def swap_module(ctx: BlockContext, name: str, module: nn.Module) -> None:
-    """Put ``module`` at ``name`` in the model and in the block's unit list (unit-level Linears)."""
-    set_submodule(ctx.root, name, module)
-    ctx.modules = [module if u.name == name else m for u, m in zip(ctx.units, ctx.modules)]
 
 
 def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,11 +105,13 @@ def error_terms(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
 
 
 def block_error(ctx: BlockContext, targets: list[torch.Tensor], masks: list[torch.Tensor | None],
-                token_normalised: bool = True) -> float:
-    """The relative error of the block's last output over the calibration set (see :func:`error_terms`)."""
+                token_normalised: bool = True, batches: list[int] | None = None) -> float:
+    """The relative error of the block's last output over the calibration set, or its ``batches``
+    (see :func:`error_terms`)."""
     num = den = 0.0
     with torch.no_grad():
-        for b, x in enumerate(ctx.q_inputs):
+        for b in range(len(ctx.q_inputs)) if batches is None else batches:
+            x = ctx.q_inputs[b]
             n, d = error_terms(ctx.forward(x, b), targets[b], masks[b], token_normalised)
             num, den = num + float(n), den + float(d)
     return num / max(den, 1e-30)
@@ -152,7 +148,7 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
     :class:`SearchHooks` (the reported errors stay unweighted). Returns the
     block's statistics: RTN, initial and final block error, iterations and seconds.
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
     bits = ctx.recipe.activations.bits
     with torch.no_grad():
         targets = [ctx.forward(x, b, fp=True) for b, x in enumerate(ctx.fp_inputs)]
@@ -162,36 +158,58 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
     frozen = [p for m in ctx.modules for p in m.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)  # only rounding logits and steps learn; keep the model's .grad untouched
-    search: dict[str, SearchLinear] = {}
-    for name, lin in ctx.linears():
-        act = mse_act_scale(errors[name], absmax[name], bits) if bits else None
-        search[name] = SearchLinear(lin, ctx.recipe, act, cfg.clip_grid).to(lin.weight.device)
-        swap_module(ctx, name, search[name])
-    for first in (probe_units or {}).values():
-        search[first].capture = True
-        if not search[first].quantize_input:  # A16: the entropy probe is a fixed 8-bit absmax code
-            search[first].step0.copy_(probe_scale(absmax[first], cfg.probe_bits))
+    act_mse = {n: mse_act_scale(errors[n], absmax[n], bits) if bits else None for n, _ in ctx.linears()}
+    act_absmax = {n: activation_scale(absmax[n], bits) if bits else None for n, _ in ctx.linears()}
     try:
-        for sl in search.values():
-            sl.hard = True
-        init_err = block_error(ctx, targets, masks, cfg.token_normalised)
+        search, start, init_err = choose_start(ctx, cfg.start, act_mse, act_absmax, cfg.clip_grid,
+                                               lambda: block_error(ctx, targets, masks, cfg.token_normalised))
+        for first in (probe_units or {}).values():
+            search[first].capture = True
+            if not search[first].quantize_input:  # A16: the entropy probe is a fixed 8-bit absmax code
+                search[first].step0.copy_(probe_scale(absmax[first], cfg.probe_bits))
+        at_start = {n: [t.detach().clone() for t in sl.parameters()] for n, sl in search.items()}
+        train, held = split_batches(len(ctx.q_inputs), cfg.holdout)
+        start_held = block_error(ctx, targets, masks, cfg.token_normalised, held) if held else None
         for sl in search.values():
             sl.hard = False
-        _optimise(ctx, cfg, search, targets, masks, seed, entropy_term, hooks or SearchHooks())
+        _optimise(ctx, cfg, search, targets, masks, seed, entropy_term, train, hooks or SearchHooks())
         for sl in search.values():
             sl.hard, sl.capture, sl.captured = True, False, None
         final_err = block_error(ctx, targets, masks, cfg.token_normalised)
+        # The search may only move from its start when that generalises: judged on calibration
+        # batches it never trained on (at W3A16 it lowered the training error 20% and lost 6 dB of
+        # logit SQNR), or, without a held-out split, on the whole set.
+        if held:
+            kept_start = block_error(ctx, targets, masks, cfg.token_normalised, held) > start_held
+        else:
+            kept_start = final_err > init_err
+        if kept_start:
+            with torch.no_grad():
+                for n, sl in search.items():
+                    for t, t0 in zip(sl.parameters(), at_start[n]):
+                        t.copy_(t0)
+            final_err = init_err
     finally:
         for p in frozen:
             p.requires_grad_(True)
     for name, sl in search.items():
         ctx.replace_linear(name, sl.to_layer())
-    return {"units": [u.name for u in ctx.units], "rtn_error": rtn_err, "init_error": init_err,
-            "error": final_err, "iterations": cfg.iterations, "seconds": time.perf_counter() - start}
+    return {"units": [u.name for u in ctx.units], "rtn_error": rtn_err, "start": start, "init_error": init_err,
+            "error": final_err, "kept_start": kept_start, "iterations": cfg.iterations,
+            "seconds": time.perf_counter() - started}
+
+
+def split_batches(n: int, holdout: float) -> tuple[list[int], list[int]]:
+    """Training and held-out calibration batch indices: the last ``round(holdout * n)`` batches are held out
+    (none when fewer than two batches would remain for training)."""
+    held = round(holdout * n)
+    if held == 0 or n - held < 2:
+        return list(range(n)), []
+    return list(range(n - held)), list(range(n - held, n))
 
 
 def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear], targets, masks, seed: int,
-              entropy_term, hooks: SearchHooks) -> None:
+              entropy_term, train: list[int], hooks: SearchHooks) -> None:
     if cfg.iterations == 0:
         return
     params_round = [sl.v for sl in search.values()]
@@ -207,7 +225,7 @@ def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear
     with _progress(cfg.progress, label, cfg.iterations) as bar:
         task = bar.add_task(label, total=cfg.iterations)
         for it in range(cfg.iterations):
-            b = int(torch.randint(len(ctx.q_inputs), (1,), generator=gen))
+            b = train[int(torch.randint(len(train), (1,), generator=gen))]
             weights = None if hooks.token_weights is None else hooks.token_weights[b]
             num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised, weights)
             loss = num / den.clamp_min(1e-30)

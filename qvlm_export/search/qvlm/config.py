@@ -9,6 +9,8 @@ from typing import Any
 from ...config_types import typed_fields
 from ...errors import QvlmError
 
+STARTS = ("rtn", "gptq", "gptq_mse")  # where a block search may start (.start)
+
 
 @dataclass(frozen=True)
 class QVLMConfig:
@@ -32,6 +34,11 @@ class QVLMConfig:
         dependency_mining: partition by ``D`` (off: every unit its own block, layer-wise search).
         visual_optimization: add the entropy term to vision blocks (off: ``eta`` is ignored).
         clip_grid: candidate clipping ratios for the initial weight and activation steps.
+        start: the layer-wise solutions a block search may start from (:mod:`.start`): ``rtn``
+            (the paper's), ``gptq`` (the GPTQ baseline's rounding), ``gptq_mse``; the one with
+            the smallest block error is the start, and a search that ends above it keeps it.
+        holdout: fraction of the calibration batches the rounding search does not train on; they
+            decide whether the searched block replaces its start (0: decide on the training batches).
         seed: search seed; ``None`` takes the recipe's calibration seed.
         progress: show a progress bar per block.
     """
@@ -50,6 +57,8 @@ class QVLMConfig:
     dependency_mining: bool = True
     visual_optimization: bool = True
     clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
+    start: tuple[str, ...] = ("rtn", "gptq", "gptq_mse")
+    holdout: float = 0.25
     seed: int | None = None
     progress: bool = True
 
@@ -72,6 +81,10 @@ def config_from_args(args: dict[str, Any], source: str = "method_args") -> QVLMC
         raise QvlmError(f"{source}: iterations and eta must be >= 0 and learning rates > 0")
     if not 2 <= cfg.probe_bits <= 8:
         raise QvlmError(f"{source}: probe_bits must be in 2..8, got {cfg.probe_bits}")
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise QvlmError(f"{source}: holdout must be in [0, 1), got {cfg.holdout}")
+    if not cfg.start or any(s not in STARTS for s in cfg.start):
+        raise QvlmError(f"{source}: start must list some of {list(STARTS)}, got {list(cfg.start)}")
     if len(cfg.beta) != 2 or not cfg.clip_grid or not all(0 < r <= 1 for r in cfg.clip_grid):
         raise QvlmError(f"{source}: beta must be [start, end] and clip_grid ratios in (0, 1]")
     return cfg

@@ -74,13 +74,19 @@ class SearchLinear(nn.Module):
     """A Linear with learnable rounding and activation step (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, recipe: QuantRecipe, act_scale: torch.Tensor | None,
-                 clip_grid: tuple[float, ...]):
+                 clip_grid: tuple[float, ...], start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """``start`` = (base weight, scale, zero point) begins the rounding search elsewhere than
+        round-to-nearest of the FP weight: at GPTQ's solution, the base being the weight its walk
+        rounded (:func:`~qvlm_export.search.algorithms.gptq_quantize`'s ``seen``)."""
         super().__init__()
         self.spec, self.act_bits = recipe.weights, recipe.activations.bits
-        w = linear.weight.detach().float()
+        w = (linear.weight if start is None else start[0]).detach().float()
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        scale, zp = mse_weight_qparams(w, self.spec, clip_grid)
+        if start is None:
+            scale, zp = mse_weight_qparams(w, self.spec, clip_grid)
+        else:
+            scale, zp = start[1].float(), start[2].to(torch.int32)
         self.register_buffer("w_scale", scale)
         self.register_buffer("w_zp", zp)
         self.v = nn.Parameter(F.adaround_init(w, scale, self.spec.granularity, self.spec.group_size))
