@@ -54,3 +54,12 @@ def test_both_parts_off_is_exactly_qvlm_and_on_differs(tiny_model_dir, tmp_path)
 def test_bad_combined_option_is_one_line():
     with pytest.raises(QvlmError, match="unknown Q-VLM option 'tokens'"):
         combined_config({"tokens": True})
+
+
+@pytest.mark.parametrize("setting", ["w8a8", "w4a16", "w4a8", "w3a16", "w6a6", "w4a4"])
+def test_shipped_recipes_run_qvlm_exactly_as_its_own_recipe(setting):
+    from qvlm_export.quant.recipe import load_recipe
+    from qvlm_export.search.registry import get_method
+
+    plus, qvlm = load_recipe(f"qvlm_plus-{setting}"), load_recipe(f"qvlm-{setting}")
+    assert get_method("qvlm_plus")(plus).config == get_method("qvlm")(qvlm).config
