@@ -130,7 +130,8 @@ def test_exported_vision_graph_equals_the_simulated_model_with_folded_irm(tiny_m
     feats = torch.cat(list(feats.pooler_output if hasattr(feats, "pooler_output") else feats)).reshape(4, -1)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.disable_quant_qdq", "1")  # exact QDQ arithmetic, no fused int8 kernels
-    sess = ort.InferenceSession(str(bundle / "vision.onnx"), opts, providers=["CPUExecutionProvider"])
+    vision = next(p for p in sorted(bundle.rglob("*.onnx")) if "vision" in p.name)  # the bundle layout names it
+    sess = ort.InferenceSession(str(vision), opts, providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: pixels.numpy().astype(np.float32)})[0].reshape(4, -1)
     scale = float(feats.abs().max())
     assert float(np.abs(out - feats.numpy()).max()) < 1e-4 * scale
