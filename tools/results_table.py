@@ -141,7 +141,8 @@ def render_markdown(rows: list[dict], eval_data: str, sqnr_data: str, model_dige
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", help="comma-separated subset (fp, rtn, smoothquant, awq, gptq, qvlm); "
+    parser.add_argument("--methods", help="comma-separated subset (fp, rtn, smoothquant, awq, gptq, qvlm, qig, qvit, "
+                        "qvlm_plus); "
                         "rows are merged into the existing results.json")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings")
     parser.add_argument("--model", default=None, help="model directory (default: embedded)")

@@ -20,7 +20,7 @@ def quantize_command(
     progress: Annotated[bool, typer.Option(help="show a progress bar per block")] = True,
     dtype: Annotated[str, typer.Option(help="load/calibration dtype: auto (the checkpoint's) | fp32 | fp16 | bf16")] = "auto",
 ) -> None:
-    """Quantize with RTN, SmoothQuant, AWQ, GPTQ or Q-VLM; evaluate the result with 'eval --quant'."""
+    """Quantize with RTN, SmoothQuant, AWQ, GPTQ, Q-VLM, QIG, Q-ViT or Q-VLM+QIG+Q-ViT; evaluate the result with 'eval --quant'."""
     import json
     from pathlib import Path
 

@@ -27,7 +27,7 @@ from ..yaml_files import named_yaml, parse_yaml
 RECIPE_VERSION = 1
 # Package data, so an installed wheel has them; the repo's calibration/recipes links here.
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm")
+METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm", "qig", "qvit", "qvlm_plus")
 
 # setting -> (weight bits, weight granularity, activation bits or None, deployable, runs on)
 SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {

@@ -26,6 +26,9 @@ _MODULES = {
     "awq": "qvlm_export.search.awq",
     "gptq": "qvlm_export.search.gptq",
     "qvlm": "qvlm_export.search.qvlm.method",
+    "qig": "qvlm_export.search.qig.method",
+    "qvit": "qvlm_export.search.qvit.method",
+    "qvlm_plus": "qvlm_export.search.combined.method",
 }
 _REGISTRY: dict[str, type] = {}
 

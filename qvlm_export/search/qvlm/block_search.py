@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +32,20 @@ from .search_linear import SearchLinear, act_quant_error, mse_act_scale
 from .start import choose_start, swap_module
 
 EntropyTerm = Callable[[dict[str, SearchLinear]], torch.Tensor]
+
+
+@dataclass
+class SearchHooks:
+    """Optional additions to the block objective, for methods built on this search (search/qvit, search/combined).
+
+    ``token_weights``: per batch ``[batch, seq]`` weights of each token's error term (QIG);
+    ``extra_loss(search, b)``: a term added for batch ``b`` after its forward pass (Q-ViT's DGD);
+    ``param_groups``: further Adam parameter groups learned with the rounding (Q-ViT's IRM).
+    """
+
+    token_weights: list[torch.Tensor] | None = None
+    extra_loss: Callable[[dict[str, SearchLinear], int], torch.Tensor] | None = None
+    param_groups: list[dict] = field(default_factory=list)
 
 
 def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,14 +85,20 @@ def input_statistics(ctx: BlockContext, masks: list[torch.Tensor | None], bits: 
 
 
 def error_terms(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-                token_normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                token_normalised: bool, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Numerator and denominator of the relative output error over valid tokens.
 
     Token-normalised: ``sum_t ||y_t - r_t||^2 / ||r_t||^2`` and the token count, so every
     token weighs the same; pooled: ``sum ||y - r||^2`` and ``sum ||r||^2``.
+    ``weights`` (``[batch, seq]``, hook for QIG's token weights): every token's terms times its weight.
     """
     y, target = _masked(y, mask), _masked(target, mask)
     diff, energy = (y - target).pow(2).sum(-1), target.pow(2).sum(-1)
+    if weights is not None:  # hook: token-weighted objective (search/combined)
+        w = _masked(weights.to(diff), mask)
+        if token_normalised:
+            return (w * diff / energy.clamp_min(1e-12)).sum(), w.sum()
+        diff, energy = diff * w, energy * w
     if token_normalised:
         return (diff / energy.clamp_min(1e-12)).sum(), torch.tensor(float(diff.numel()))
     return diff.sum(), energy.sum()
@@ -119,11 +140,12 @@ def _progress(enabled: bool, description: str, total: int):
 
 def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | None], seed: int,
                  entropy_term: Callable[[dict[str, SearchLinear]], torch.Tensor] | None = None,
-                 probe_units: dict[str, str] | None = None) -> dict:
+                 probe_units: dict[str, str] | None = None, hooks: SearchHooks | None = None) -> dict:
     """Search the block's rounding and activation steps, then commit hard codes via ``ctx.replace_linear``.
 
     ``probe_units`` maps unit name -> the name of its first Linear, whose captured input is
-    ``X^(k)`` for ``entropy_term`` (called with the captured SearchLinears). Returns the
+    ``X^(k)`` for ``entropy_term`` (called with the captured SearchLinears). ``hooks``: see
+    :class:`SearchHooks` (the reported errors stay unweighted). Returns the
     block's statistics: RTN, initial and final block error, iterations and seconds.
     """
     started = time.perf_counter()
@@ -150,7 +172,7 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
         start_held = block_error(ctx, targets, masks, cfg.token_normalised, held) if held else None
         for sl in search.values():
             sl.hard = False
-        _optimise(ctx, cfg, search, targets, masks, seed, entropy_term, train)
+        _optimise(ctx, cfg, search, targets, masks, seed, entropy_term, train, hooks or SearchHooks())
         for sl in search.values():
             sl.hard, sl.capture, sl.captured = True, False, None
         final_err = block_error(ctx, targets, masks, cfg.token_normalised)
@@ -187,7 +209,7 @@ def split_batches(n: int, holdout: float) -> tuple[list[int], list[int]]:
 
 
 def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear], targets, masks, seed: int,
-              entropy_term, train: list[int]) -> None:
+              entropy_term, train: list[int], hooks: SearchHooks) -> None:
     if cfg.iterations == 0:
         return
     params_round = [sl.v for sl in search.values()]
@@ -195,6 +217,7 @@ def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear
     groups = [{"params": params_round, "lr": cfg.lr_round}]
     if params_step:
         groups.append({"params": params_step, "lr": cfg.lr_step})
+    groups += list(hooks.param_groups)
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     warm = int(cfg.warmup * cfg.iterations)
@@ -203,8 +226,11 @@ def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear
         task = bar.add_task(label, total=cfg.iterations)
         for it in range(cfg.iterations):
             b = train[int(torch.randint(len(train), (1,), generator=gen))]
-            num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised)
+            weights = None if hooks.token_weights is None else hooks.token_weights[b]
+            num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised, weights)
             loss = num / den.clamp_min(1e-30)
+            if hooks.extra_loss is not None:
+                loss = loss + hooks.extra_loss(search, b)
             if it >= warm:
                 frac = (it - warm) / max(cfg.iterations - warm, 1)
                 beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac

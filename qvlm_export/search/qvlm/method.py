@@ -24,7 +24,7 @@ import torch
 from ...quant.calibrate import BlockContext, SequentialCalibrator
 from ...quant.recipe import QuantRecipe
 from ..registry import register_method
-from .block_search import search_block
+from .block_search import SearchHooks, search_block
 from .config import QVLMConfig, config_from_args
 from .partition import partition_units
 from .probes import collect_probe_stats, first_linear, uses_mask
@@ -93,5 +93,18 @@ class QVLMMethod:
             term = EntropyTerm(self.config.eta, self.weights, probes, self.config.probe_bits)
         if not searched:
             return
-        stats = search_block(ctx, self.config, masks, block_seed(self.seed, names), term, probes if term else None)
+        hooks = self.search_hooks(ctx)
+        try:
+            stats = search_block(ctx, self.config, masks, block_seed(self.seed, names), term, probes if term else None,
+                                 hooks)
+        finally:
+            self.after_search(ctx)
         ctx.extras["qvlm_blocks"] = {names[0]: stats}
+
+    # -- hooks for methods built on Q-VLM (search/combined): the plain method adds nothing ----------
+    def search_hooks(self, ctx: BlockContext) -> SearchHooks | None:
+        """Additions to this block's objective (token weights, extra loss, extra parameters)."""
+        return None
+
+    def after_search(self, ctx: BlockContext) -> None:
+        """Called once the block's codes are committed (or the search failed)."""

@@ -1,0 +1,53 @@
+"""The Q-ViT (post-training) configuration: one frozen dataclass, read from a recipe's ``method_args``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ...config_types import typed_fields
+from ...errors import QvlmError
+
+
+@dataclass(frozen=True)
+class QViTConfig:
+    """Hyperparameters of Q-ViT as a post-training block reconstruction (docs/qvit.md).
+
+    Attributes:
+        vision_block_units: vision layers reconstructed together as one block (0: the whole
+            used vision tower, so the block objective is the vision output itself; 1: layer-wise).
+        lambda_dgd: weight of the DGD term in the vision blocks' objective (0: off).
+        irm: learn the function-preserving IRM (folded into q/k at the end).
+        lr_irm: Adam learning rate of the IRM's ``log g`` and ``beta``.
+        iterations: Adam steps per unit of a block: a vision block of ``n`` layers gets ``n * iterations``
+            (the same steps per layer as a layer-wise search), every other block ``iterations``.
+        lr_round, lr_step: as Q-VLM's (AdaRound logits; LSQ log activation steps).
+        seed: search seed; ``None`` takes the recipe's calibration seed.
+        progress: show a progress bar per block.
+    """
+
+    vision_block_units: int = 0
+    lambda_dgd: float = 0.1
+    irm: bool = True
+    lr_irm: float = 0.01
+    iterations: int = 160
+    lr_round: float = 0.02
+    lr_step: float = 0.005
+    seed: int | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig:
+    """Validate a recipe's ``method_args`` into a :class:`QViTConfig`."""
+    names = {f.name for f in dataclasses.fields(QViTConfig)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise QvlmError(f"{source}: unknown Q-ViT option {unknown[0]!r}; allowed: {sorted(names)}")
+    cfg = QViTConfig(**typed_fields(QViTConfig, dict(args), source))
+    if cfg.lambda_dgd < 0 or cfg.iterations < 0 or cfg.lr_irm <= 0 or cfg.vision_block_units < 0:
+        raise QvlmError(f"{source}: lambda_dgd, iterations and vision_block_units must be >= 0 and lr_irm > 0")
+    return cfg

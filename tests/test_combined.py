@@ -1,0 +1,65 @@
+"""The combined method (Q-VLM + QIG + Q-ViT): the hooks reduce exactly to Q-VLM when off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvlm_export.errors import QvlmError
+from qvlm_export.quant.recipe import recipe_from_dict
+from qvlm_export.search.combined.config import combined_config
+from qvlm_export.search.qvlm.block_search import error_terms
+
+GEN = torch.Generator().manual_seed(0)
+FAST = {"iterations": 4, "progress": False, "ig_steps": 4}
+
+
+@pytest.mark.parametrize("token_normalised", [False, True])
+def test_uniform_token_weights_leave_the_block_error_unchanged(token_normalised):
+    y, r = torch.randn(2, 5, 8, generator=GEN), torch.randn(2, 5, 8, generator=GEN)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, :2] = False
+    plain = error_terms(y, r, mask, token_normalised)
+    weighted = error_terms(y, r, mask, token_normalised, torch.full((2, 5), 0.37))
+    torch.testing.assert_close(plain[0] / plain[1], weighted[0] / weighted[1])
+
+
+def test_token_weights_by_hand():
+    y, r = torch.tensor([[[1.0], [2.0]]]), torch.tensor([[[0.0], [1.0]]])
+    num, den = error_terms(y, r, None, False, torch.tensor([[3.0, 1.0]]))  # (3*1 + 1*1) / (3*0 + 1*1)
+    assert float(num / den) == pytest.approx(4.0)
+
+
+def _state(tiny_model_dir, tmp_path, method, args):
+    from qvlm_export.quant.state import load_state
+    from qvlm_export.search.api import quantize
+
+    recipe = recipe_from_dict({"method": method, "setting": "w4a8", "method_args": args})
+    return load_state(quantize(model=tiny_model_dir, recipe=recipe, calib="builtin:calib:8",
+                               out=tmp_path / method, progress=False))
+
+
+def test_both_parts_off_is_exactly_qvlm_and_on_differs(tiny_model_dir, tmp_path):
+    base = _state(tiny_model_dir, tmp_path / "a", "qvlm", {"iterations": 4, "progress": False})
+    off = _state(tiny_model_dir, tmp_path / "b", "qvlm_plus", {**FAST, "token_weights": False, "qvit": False})
+    assert base.layers.keys() == off.layers.keys()
+    for name, layer in base.layers.items():
+        assert torch.equal(layer.weight_codes, off.layers[name].weight_codes), name
+    full = _state(tiny_model_dir, tmp_path / "c", "qvlm_plus", {**FAST, "lr_irm": 0.1})
+    assert full.extras["qvlm_plus"]["config"]["token_weights"] is True
+    assert full.extras["qvlm_plus_irm"]  # an IRM folded per vision unit
+    assert any(not torch.equal(layer.weight_codes, full.layers[n].weight_codes) for n, layer in base.layers.items())
+
+
+def test_bad_combined_option_is_one_line():
+    with pytest.raises(QvlmError, match="unknown Q-VLM option 'tokens'"):
+        combined_config({"tokens": True})
+
+
+@pytest.mark.parametrize("setting", ["w8a8", "w4a16", "w4a8", "w3a16", "w6a6", "w4a4"])
+def test_shipped_recipes_run_qvlm_exactly_as_its_own_recipe(setting):
+    from qvlm_export.quant.recipe import load_recipe
+    from qvlm_export.search.registry import get_method
+
+    plus, qvlm = load_recipe(f"qvlm_plus-{setting}"), load_recipe(f"qvlm-{setting}")
+    assert get_method("qvlm_plus")(plus).config == get_method("qvlm")(qvlm).config
