@@ -48,7 +48,9 @@ def test_both_parts_off_is_exactly_qvlm_and_on_differs(tiny_model_dir, tmp_path)
     full = _state(tiny_model_dir, tmp_path / "c", "qvlm_plus", {**FAST, "lr_irm": 0.1})
     assert full.extras["qvlm_plus"]["config"]["token_weights"] is True
     assert full.extras["qvlm_plus_irm"]  # an IRM folded per vision unit
-    assert any(not torch.equal(layer.weight_codes, full.layers[n].weight_codes) for n, layer in base.layers.items())
+    # the parts act on the search (its result; whether it replaces the block's start is decided after)
+    searched = {b: s["searched_error"] for b, s in base.extras["qvlm_blocks"].items()}
+    assert any(s["searched_error"] != searched[b] for b, s in full.extras["qvlm_blocks"].items())
 
 
 def test_bad_combined_option_is_one_line():
