@@ -79,3 +79,12 @@ def typed_fields(cls: type, raw: dict[str, Any], where: str) -> dict[str, Any]:
             raise QvlmError(f"{where}: {f.name} must be {_describe(hints[f.name])}, got {shown}")
         out[f.name] = value
     return out
+
+
+def known_options(cls: type, raw: dict[str, Any], where: str, what: str) -> dict[str, Any]:
+    """:func:`typed_fields` after refusing, in one line, an option ``cls`` does not have (``what``: "Q-VLM option")."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise QvlmError(f"{where}: unknown {what} {unknown[0]!r}; allowed: {sorted(names)}")
+    return typed_fields(cls, raw, where)

@@ -117,7 +117,8 @@ def test_exported_vision_graph_equals_the_simulated_model_with_folded_irm(tiny_m
     # weight-only, so no activation rounding can flip between the two float paths: the graph must match to float
     # precision (quantized activations are compared with their quantization-error bound by `qvlm-export validate`)
     recipe = recipe_from_dict({"method": "qvit", "setting": "w4a16",
-                               "method_args": {"iterations": 10, "lambda_dgd": 1.0, "lr_irm": 0.2, "progress": False}})
+                               "method_args": {"iterations": 10, "lambda_dgd": 1.0, "lr_irm": 0.2, "progress": False,
+                                               "start": ["rtn"], "holdout": 0.0}})  # a search that is kept
     state = quantize(model=tiny_model_dir, recipe=recipe, calib="builtin:calib:8", out=tmp_path / "s", progress=False)
     irm = next(v["irm"] for k, v in load_state(state).extras["qvit_blocks"].items() if "vision_tower" in k)
     assert max(abs(r["g_max"] - 1) + abs(r["g_min"] - 1) + r["beta_absmax"] for r in irm.values()) > 1e-3  # learned

@@ -17,6 +17,8 @@ method_args: ``grid`` (20), ``clip`` (true), ``clip_grid`` (20), ``max_shrink`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,6 +40,31 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def search_exponent(linears: list[nn.Linear], absmean: torch.Tensor, spec, grid: int,
+                    error: Callable[[], float]) -> tuple[float, torch.Tensor, list[float]]:
+    """AWQ's grid over ``r``: pseudo-quantize ``W diag(s(r))`` and score it with ``error()`` (the consumer's
+    output error, computed by the caller with the weights in place). Returns ``(r, s(r), every r's error)``
+    and leaves the weights as found."""
+    originals = [lin.weight.detach().clone() for lin in linears]
+    best, losses = (float("inf"), 0.0, torch.ones_like(absmean)), []
+    try:
+        for i in range(grid):
+            ratio = i / grid
+            s = awq_scales(absmean, ratio)
+            with torch.no_grad():
+                for lin, w0 in zip(linears, originals):
+                    lin.weight.copy_(pseudo_quantize(w0 * s, spec.bits, spec.granularity, spec.group_size) / s)
+                err = error()
+            losses.append(err)
+            if err < best[0]:
+                best = (err, ratio, s)
+    finally:
+        with torch.no_grad():
+            for lin, w0 in zip(linears, originals):
+                lin.weight.copy_(w0)
+    return best[1], best[2], losses
+
+
 @register_method("awq")
 class AWQ:
     def __init__(self, recipe: QuantRecipe):
@@ -56,24 +83,13 @@ class AWQ:
         with torch.no_grad():
             targets = [_first(module(*a, **k)) for a, k in calls]
         linears = [ctx.root.get_submodule(c) for c in group.consumers]
-        originals = [lin.weight.detach().clone() for lin in linears]
-        best = (float("inf"), 0.0, torch.ones_like(absmean))
-        try:
-            for i in range(int(self.args["grid"])):
-                ratio = i / int(self.args["grid"])
-                s = awq_scales(absmean, ratio)
-                with torch.no_grad():
-                    for lin, w0 in zip(linears, originals):
-                        lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size) / s)
-                    outs = [_first(module(*a, **k)) for a, k in calls]
-                err = masked_mse(ctx, outs, targets, unit_of(ctx, inspect_name))
-                if err < best[0]:
-                    best = (err, ratio, s)
-        finally:
-            with torch.no_grad():
-                for lin, w0 in zip(linears, originals):
-                    lin.weight.copy_(w0)
-        return best[1], best[2]
+
+        def error() -> float:
+            outs = [_first(module(*a, **k)) for a, k in calls]
+            return masked_mse(ctx, outs, targets, unit_of(ctx, inspect_name))
+
+        ratio, s, _ = search_exponent(linears, absmean, w, int(self.args["grid"]), error)
+        return ratio, s
 
     def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
         w, weight = self.recipe.weights, linear.weight.detach()

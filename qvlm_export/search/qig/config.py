@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ...config_types import typed_fields
+from ...config_types import known_options
 from ...errors import QvlmError
 
 
@@ -57,11 +57,7 @@ _CHOICES = {"loss": ("mae", "mse"), "baseline": ("auto", "zero", "quantized"), "
 
 def qig_config(args: dict[str, Any], source: str = "method_args") -> QIGConfig:
     """Validate a recipe's ``method_args`` into a :class:`QIGConfig`."""
-    names = {f.name for f in dataclasses.fields(QIGConfig)}
-    unknown = sorted(set(args) - names)
-    if unknown:
-        raise QvlmError(f"{source}: unknown QIG option {unknown[0]!r}; allowed: {sorted(names)}")
-    cfg = QIGConfig(**typed_fields(QIGConfig, dict(args), source))
+    cfg = QIGConfig(**known_options(QIGConfig, dict(args), source, "QIG option"))
     for key, allowed in _CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise QvlmError(f"{source}: {key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")

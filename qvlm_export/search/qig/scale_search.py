@@ -19,7 +19,8 @@ from ...quant import functional as F
 from ...quant.calibrate import BlockContext
 from ...quant.modules import activation_scale
 from ...quant.recipe import QuantRecipe
-from ..algorithms import awq_scales, pseudo_quantize
+from ..algorithms import pseudo_quantize
+from ..awq import search_exponent
 from ..smoothing import ScaleGroup
 from ..stats import InputStats, batch_mask, capture_calls, unit_of
 from .config import QIGConfig
@@ -159,7 +160,6 @@ def weighted_scale_search(ctx: BlockContext, group: ScaleGroup, absmean: torch.T
     With ``weights=None`` and ``loss="mse"`` this is exactly :meth:`..awq.AWQ.search_scale`.
     ``padded`` scores padded tokens too (QIG's release).
     """
-    w = recipe.weights
     name = scored_module_name(group)
     module, unit = ctx.root.get_submodule(name), unit_of(ctx, name)
     calls = capture_calls(ctx, name)
@@ -168,22 +168,8 @@ def weighted_scale_search(ctx: BlockContext, group: ScaleGroup, absmean: torch.T
     masks = [None if padded else _row_mask(ctx, unit, b, t.shape) for b, t in enumerate(targets)]
     tw = weights if weights is not None else [None] * len(targets)
     linears = [ctx.root.get_submodule(c) for c in group.consumers]
-    originals = [lin.weight.detach().clone() for lin in linears]
-    best, losses = (float("inf"), 0.0, torch.ones_like(absmean)), []
-    try:
-        for i in range(grid):
-            ratio = i / grid
-            s = awq_scales(absmean, ratio)
-            with torch.no_grad():
-                for lin, w0 in zip(linears, originals):
-                    lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size) / s)
-                outs = [_first(module(*a, **k)) for a, k in calls]
-            err = weighted_error(outs, targets, tw, masks, loss)
-            losses.append(err)
-            if err < best[0]:
-                best = (err, ratio, s)
-    finally:
-        with torch.no_grad():
-            for lin, w0 in zip(linears, originals):
-                lin.weight.copy_(w0)
-    return best[1], best[2], losses
+
+    def error() -> float:
+        return weighted_error([_first(module(*a, **k)) for a, k in calls], targets, tw, masks, loss)
+
+    return search_exponent(linears, absmean, recipe.weights, grid, error)

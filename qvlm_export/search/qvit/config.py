@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ...config_types import typed_fields
+from ...config_types import known_options
 from ...errors import QvlmError
 
 
@@ -23,6 +23,8 @@ class QViTConfig:
         iterations: Adam steps per unit of a block: a vision block of ``n`` layers gets ``n * iterations``
             (the same steps per layer as a layer-wise search), every other block ``iterations``.
         lr_round, lr_step: as Q-VLM's (AdaRound logits; LSQ log activation steps).
+        start, holdout: as Q-VLM's: the layer-wise solutions a block may start from, and the share
+            of calibration batches that decide whether the searched block (with its IRM) replaces it.
         seed: search seed; ``None`` takes the recipe's calibration seed.
         progress: show a progress bar per block.
     """
@@ -34,6 +36,8 @@ class QViTConfig:
     iterations: int = 160
     lr_round: float = 0.02
     lr_step: float = 0.005
+    start: tuple[str, ...] = ("rtn", "gptq", "gptq_mse")
+    holdout: float = 0.25
     seed: int | None = None
     progress: bool = True
 
@@ -43,11 +47,7 @@ class QViTConfig:
 
 def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig:
     """Validate a recipe's ``method_args`` into a :class:`QViTConfig`."""
-    names = {f.name for f in dataclasses.fields(QViTConfig)}
-    unknown = sorted(set(args) - names)
-    if unknown:
-        raise QvlmError(f"{source}: unknown Q-ViT option {unknown[0]!r}; allowed: {sorted(names)}")
-    cfg = QViTConfig(**typed_fields(QViTConfig, dict(args), source))
+    cfg = QViTConfig(**known_options(QViTConfig, dict(args), source, "Q-ViT option"))
     if cfg.lambda_dgd < 0 or cfg.iterations < 0 or cfg.lr_irm <= 0 or cfg.vision_block_units < 0:
         raise QvlmError(f"{source}: lambda_dgd, iterations and vision_block_units must be >= 0 and lr_irm > 0")
     return cfg

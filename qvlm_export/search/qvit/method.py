@@ -18,7 +18,7 @@ import zlib
 from ...quant.calibrate import BlockContext, SequentialCalibrator
 from ...quant.recipe import QuantRecipe
 from ..qvlm.block_search import search_block
-from ..qvlm.config import QVLMConfig
+from ..qvlm.config import QVLMConfig, config_from_args
 from ..qvlm.probes import uses_mask
 from ..registry import register_method
 from .block import fold_irms, vision_hooks
@@ -31,8 +31,9 @@ def block_seed(seed: int, names: list[str]) -> int:
 
 def search_config(cfg: QViTConfig) -> QVLMConfig:
     """The Q-VLM search settings a Q-ViT block reconstruction runs with (no partition, no entropy term)."""
-    return dataclasses.replace(QVLMConfig(), iterations=cfg.iterations, lr_round=cfg.lr_round, lr_step=cfg.lr_step,
-                               dependency_mining=False, visual_optimization=False, progress=cfg.progress)
+    return config_from_args({"iterations": cfg.iterations, "lr_round": cfg.lr_round, "lr_step": cfg.lr_step,
+                             "start": list(cfg.start), "holdout": cfg.holdout, "dependency_mining": False,
+                             "visual_optimization": False, "progress": cfg.progress}, source="qvit")
 
 
 def vision_partition(kinds: list[str], size: int) -> list[list[int]]:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ...config_types import typed_fields
+from ...config_types import known_options
 from ...errors import QvlmError
 
 STARTS = ("rtn", "gptq", "gptq_mse")  # where a block search may start (.start)
@@ -68,11 +68,7 @@ class QVLMConfig:
 
 def config_from_args(args: dict[str, Any], source: str = "method_args") -> QVLMConfig:
     """Validate a recipe's ``method_args`` into a :class:`QVLMConfig`."""
-    names = {f.name for f in dataclasses.fields(QVLMConfig)}
-    unknown = sorted(set(args) - names)
-    if unknown:
-        raise QvlmError(f"{source}: unknown Q-VLM option {unknown[0]!r}; allowed: {sorted(names)}")
-    cfg = QVLMConfig(**typed_fields(QVLMConfig, dict(args), source))  # lists become float tuples
+    cfg = QVLMConfig(**known_options(QVLMConfig, dict(args), source, "Q-VLM option"))  # lists become float tuples
     if not 0.0 <= cfg.p <= 1.0:
         raise QvlmError(f"{source}: p must be in [0, 1] (a normalised dependency), got {cfg.p}")
     if cfg.max_depth < 1:
