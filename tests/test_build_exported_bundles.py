@@ -28,7 +28,11 @@ def test_exported_bundles_pass_check_trt(tiny_bundle, setting, dtype):
     bundle = tiny_bundle(setting, dtype)
     report = check_path(bundle)
     layers = json.loads((bundle / "bundle.json").read_text())["quant"]["layers"]
-    assert report.violations == [] and report.graphs == ["onnx/decoder_model_merged_int8.onnx", "onnx/embed_tokens.onnx", "onnx/vision_encoder_int8.onnx"]
+    quantized = "_int8" if setting == "w8a8" else ("_q4f16" if dtype == "fp16" else "_q4")
+    embed = "_fp16" if dtype == "fp16" else ""
+    assert report.violations == [] and report.graphs == [f"onnx/decoder_model_merged{quantized}.onnx",
+                                                         f"onnx/embed_tokens{embed}.onnx",
+                                                         f"onnx/vision_encoder{quantized}.onnx"]
     # W8A8: activation Q + DQ and a weight DQ per Linear; W4A16: one blocked int4 weight DQ per Linear
     assert layers > 0 and report.qdq_nodes == layers * (3 if setting == "w8a8" else 1)
 

@@ -32,7 +32,10 @@ def fp_logits():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "setting"), [("rtn", "w4a16"), ("qvlm", "w8a8")])
+# Q-VLM at W3A16: its blocks keep the GPTQ start they cannot beat on held-out batches, so the row is
+# stable to float noise; an activation-quantized Q-VLM row moved 1.2 dB between 1 and 2 torch threads
+# on one machine (the rounding search is chaotic), which only its interval absorbs.
+@pytest.mark.parametrize(("method", "setting"), [("rtn", "w4a16"), ("qvlm", "w3a16")])
 def test_committed_row_reproduces(method, setting, fp_logits, tmp_path):
     row = results_table.quant_row(method, setting, None, "builtin:calib", "builtin:eval", LOGIT_SQNR_DATA,
                                   fp_logits, tmp_path)
