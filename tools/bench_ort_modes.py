@@ -39,16 +39,11 @@ def ort_mode(bundle: Path, mode: str, samples, batch_size: int, threads: int,
     from qvlm_export.runtime.factory import answerer_for_bundle
 
     answerer, _ = answerer_for_bundle(bundle, mode=mode, threads=threads, int4_accuracy=int4_accuracy)
-    answers, logits = [], []
     start_time = time.perf_counter()
     with answerer:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            result = answerer.generate([s.image for s in batch], [s.question for s in batch])
-            answers += answerer.processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-            logits.append(result.first_logits - result.first_logits.mean(-1, keepdims=True))
+        answers, logits = answerer.answer_with_logits(samples, batch_size)
     seconds = time.perf_counter() - start_time
-    return answers, np.concatenate(logits), seconds / len(samples) * 1e3
+    return answers, logits, seconds / len(samples) * 1e3
 
 
 def bench_setting(setting: str, args, samples, work: Path) -> list[dict]:

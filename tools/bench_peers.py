@@ -81,14 +81,9 @@ def answer_bundle(bundle: Path, samples, batch_size: int) -> tuple[list[bool], n
     from qvlm_export.runtime.factory import answerer_for_bundle
 
     answerer, _ = answerer_for_bundle(bundle, mode="faithful")
-    predictions, logits = [], []
     with answerer:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            result = answerer.generate([s.image for s in batch], [s.question for s in batch])
-            predictions += answerer.processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-            logits.append(result.first_logits - result.first_logits.mean(-1, keepdims=True))
-    return score(samples, predictions).correct, np.concatenate(logits)
+        predictions, logits = answerer.answer_with_logits(samples, batch_size)
+    return score(samples, predictions).correct, logits
 
 
 def decode_speed(bundle: Path, samples, steps: int = 16, repeats: int = 3) -> float:

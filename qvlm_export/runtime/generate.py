@@ -111,6 +111,17 @@ class RunnerAnswerer:
     def answer(self, samples: list) -> list[str]:
         return self.ask([s.image for s in samples], [s.question for s in samples])
 
+    def answer_with_logits(self, samples: list, batch_size: int) -> tuple[list[str], np.ndarray]:
+        """Answers and the first answer token's logits, centred per sample (``evaluate/logits.py``'s
+        definition), in batches of ``batch_size``: what benchmarks compare between bundles."""
+        answers, logits = [], []
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            result = self.generate([s.image for s in batch], [s.question for s in batch])
+            answers += self.processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+            logits.append(result.first_logits - result.first_logits.mean(-1, keepdims=True))
+        return answers, np.concatenate(logits)
+
     def close(self) -> None:
         if self._active:
             self.runner.deactivate()
