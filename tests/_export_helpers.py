@@ -70,7 +70,8 @@ def prompt_batch(processor, samples) -> dict[str, np.ndarray]:
 
     prompts = [build_prompt(processor, s.question) for s in samples]
     batch = processor(images=[s.image for s in samples], text=prompts, return_tensors="np", padding=True)
-    return {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+    return {k: np.asarray(batch[k]) for k in keys if k in batch}
 
 
 def torch_steps(vlm, batch: dict[str, np.ndarray], steps: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -80,6 +81,8 @@ def torch_steps(vlm, batch: dict[str, np.ndarray], steps: int) -> tuple[list[np.
     mask = batch["attention_mask"].astype(np.int64)
     kwargs = {"input_ids": torch.from_numpy(batch["input_ids"]),
               "pixel_values": torch.from_numpy(batch["pixel_values"]).float()}
+    if "image_sizes" in batch:
+        kwargs["image_sizes"] = torch.from_numpy(batch["image_sizes"])
     logits_out, tokens, past = [], [], None
     with torch.inference_mode():
         for step in range(steps + 1):
@@ -98,12 +101,12 @@ def torch_steps(vlm, batch: dict[str, np.ndarray], steps: int) -> tuple[list[np.
 
 def runner_steps(runner, batch: dict[str, np.ndarray], tokens: list[np.ndarray]) -> list[np.ndarray]:
     """The same steps on a runner, fed the reference's tokens (teacher forcing keeps the two aligned)."""
-    from qvlm_export.runtime.generate import merge_image_features, position_ids
+    from qvlm_export.runtime.generate import position_ids, prompt_embeds
+    from qvlm_export.runtime.images import image_inputs
 
     info = runner.info
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
-    embeds = merge_image_features(runner.embed(ids), ids, runner.vision(batch["pixel_values"]),
-                                  info.model.image_token_id)
+    embeds = prompt_embeds(runner, ids, image_inputs(info, batch))
     logits, past = runner.decode(embeds, mask, position_ids(mask), info.empty_past(ids.shape[0]))
     out = [logits.astype(np.float32)]
     for nxt in tokens[:-1]:

@@ -89,15 +89,15 @@ def answer_bundle(bundle: Path, samples, batch_size: int) -> tuple[list[bool], n
 def decode_speed(bundle: Path, samples, steps: int = 16, repeats: int = 3) -> float:
     """Decoder tokens/s of a batch of 8 in ``fast`` sessions (median of ``repeats``), after one warm-up."""
     from qvlm_export.runtime.factory import answerer_for_bundle
-    from qvlm_export.runtime.generate import merge_image_features, position_ids
+    from qvlm_export.runtime.generate import position_ids, prompt_embeds
 
     answerer, _ = answerer_for_bundle(bundle, mode="fast")
     runner = answerer.runner
     feeds = answerer.inputs([s.image for s in samples[:8]], [s.question for s in samples[:8]])
     runner.activate()
     try:
-        spec, ids, mask = runner.info.model, feeds["input_ids"], feeds["attention_mask"]
-        embeds = merge_image_features(runner.embed(ids), ids, runner.vision(feeds["pixel_values"]), spec.image_token_id)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        embeds = prompt_embeds(runner, ids, {k: v for k, v in feeds.items() if k not in ("input_ids", "attention_mask")})
         times = []
         for _ in range(repeats + 1):
             logits, past = runner.decode(embeds, mask, position_ids(mask), runner.info.empty_past(len(ids)))

@@ -71,6 +71,7 @@ Compiler = Callable[[EngineSpec, BuildProfile, "Path | None"], Any]
 
 def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
     """Which engines to build from which files, with the shapes of every optimization profile."""
+    from ..families import family_for
     from ..runtime.bundle import read_bundle
 
     bundle = Path(bundle)
@@ -81,11 +82,11 @@ def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
         raise QvlmError(f"bundle {str(bundle)!r} has {info.dtype} graphs but profile {profile.name!r} builds "
                         f"{profile.graph_dtype} engines; export with --dtype {profile.graph_dtype} or set "
                         f"graph_dtype: {info.dtype} in the profile")
-    specs = []
+    specs, tiles = [], family_for(info.model.family).max_tiles(info.model.image_layout)
     for graph in GRAPHS:
         source = info.graph_path(graph)
         inputs = read_graph_inputs(source)
-        phases = optimization_profiles(graph, inputs, profile, where=str(source.relative_to(bundle)))
+        phases = optimization_profiles(graph, inputs, profile, where=str(source.relative_to(bundle)), tiles=tiles)
         specs.append(EngineSpec(graph, source, tuple(inputs), tuple(phases)))
     return BuildPlan(bundle, profile, tuple(specs))
 

@@ -56,11 +56,15 @@ def read_graph_inputs(onnx_path: Path) -> list[InputSpec]:
     return specs
 
 
-def phase_ranges(graph: str, profile: BuildProfile) -> list[tuple[str, dict[str, Range]]]:
-    """(phase name, role -> (min, opt, max)) for each optimization profile of ``graph``."""
+def phase_ranges(graph: str, profile: BuildProfile, tiles: int = 1) -> list[tuple[str, dict[str, Range]]]:
+    """(phase name, role -> (min, opt, max)) for each optimization profile of ``graph``.
+
+    ``tiles``: the most vision-graph rows one image takes (any-resolution families run every
+    tile of every image of a batch as one vision batch; 1 for LLaVA-1.5).
+    """
     batch, prompt, past = profile.batch_range, profile.prompt_range, profile.past_range
     if graph == "vision":
-        return [("batch", {"batch": batch})]
+        return [("batch", {"batch": (batch[0], batch[1] * tiles, batch[2] * tiles)})]
     if graph == "embed":
         # one profile: the runtime embeds whole prompts and single generated tokens
         return [("tokens", {"batch": batch, "seq": prompt})]
@@ -99,8 +103,8 @@ def input_shape_range(spec: InputSpec, ranges: dict[str, Range], where: str) -> 
 
 
 def optimization_profiles(graph: str, inputs: list[InputSpec], profile: BuildProfile,
-                          where: str = "") -> list[tuple[str, dict[str, ShapeRange]]]:
+                          where: str = "", tiles: int = 1) -> list[tuple[str, dict[str, ShapeRange]]]:
     """(phase, {input: (min, opt, max)}) for every optimization profile of one engine."""
     where = where or graph
     return [(phase, {spec.name: input_shape_range(spec, ranges, f"{where} ({phase} profile)") for spec in inputs})
-            for phase, ranges in phase_ranges(graph, profile)]
+            for phase, ranges in phase_ranges(graph, profile, tiles)]

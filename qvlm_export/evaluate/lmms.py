@@ -67,7 +67,8 @@ class BundleLMM:
     def loglikelihood(self, image, context: str, continuation: str) -> tuple[float, bool]:
         """(log p(continuation | image, context), whether greedy decoding produces exactly it)."""
         from ..load.model import build_prompt
-        from ..runtime.generate import merge_image_features, position_ids
+        from ..runtime.generate import position_ids, prompt_embeds
+        from ..runtime.images import image_inputs
 
         prompt = build_prompt(self.processor, context)
         ctx = self.processor(images=[image], text=[prompt], return_tensors="np")
@@ -81,8 +82,7 @@ class BundleLMM:
             runner.activate()
             self.answerer._active = True
         mask = np.asarray(full["attention_mask"], dtype=np.int64)
-        embeds = merge_image_features(runner.embed(ids), ids, runner.vision(full["pixel_values"]),
-                                      runner.info.model.image_token_id)
+        embeds = prompt_embeds(runner, ids, image_inputs(runner.info, full))
         logits, _ = runner.decode(embeds, mask, position_ids(mask), runner.info.empty_past(1))
         scores = logits[0, n_ctx - 1:-1].astype(np.float64)  # the logits that predict each continuation token
         top = scores.max(-1, keepdims=True)

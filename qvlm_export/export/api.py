@@ -144,11 +144,13 @@ def model_spec(vlm) -> ModelSpec:
     eos = eos[0] if isinstance(eos, list | tuple) else eos
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+    family = vlm.family
     return ModelSpec(image_token_id=int(image_token), eos_token_id=int(eos), pad_token_id=int(pad),
                      num_layers=tcfg.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                      hidden_size=tcfg.hidden_size, vocab_size=tcfg.vocab_size,
-                     image_seq_length=int(cfg.image_seq_length), image_size=int(cfg.vision_config.image_size),
-                     max_positions=getattr(tcfg, "max_position_embeddings", None))
+                     image_seq_length=family.tokens_per_tile(cfg), image_size=int(cfg.vision_config.image_size),
+                     max_positions=getattr(tcfg, "max_position_embeddings", None), family=family.model_type,
+                     image_layout=family.image_layout(vlm.model))
 
 
 def quant_summary(state, quant: str | Path | None) -> dict[str, Any]:

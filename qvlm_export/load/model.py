@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QvlmError
+from ..families import FAMILIES, family_for
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava-shapes"
-LLAVA_FAMILY = {"llava"}
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -30,10 +30,10 @@ def resolve_model_path(model: str | Path | None) -> Path:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as exc:
         raise QvlmError(f"{config_file} is not valid JSON ({exc.msg}); re-save the model") from None
-    if model_type not in LLAVA_FAMILY:
+    if model_type not in FAMILIES:
         raise QvlmError(
             f"{str(path)!r} is a {model_type!r} model, not a LLaVA-family model "
-            f"(config.json model_type must be one of {sorted(LLAVA_FAMILY)})"
+            f"(config.json model_type must be one of {sorted(FAMILIES)})"
         )
     return path
 
@@ -42,9 +42,13 @@ def resolve_model_path(model: str | Path | None) -> Path:
 class LoadedVLM:
     """A model, its processor, and where they came from."""
 
-    model: Any  # transformers.LlavaForConditionalGeneration
-    processor: Any  # transformers.LlavaProcessor
+    model: Any  # the family's HF class (transformers.LlavaForConditionalGeneration, ...)
+    processor: Any  # its processor (transformers.LlavaProcessor, ...)
     path: Path
+
+    @property
+    def family(self):
+        return family_for(self.model.config.model_type)
 
     @property
     def config(self):
@@ -59,21 +63,21 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = "fp32") -> LoadedVLM:
-    """Load processor and model through AutoProcessor / LlavaForConditionalGeneration.
+    """Load processor and model through the family's processor and HF class (``families/``).
 
     ``dtype``: fp32 | fp16 | bf16 (or a torch dtype name). Loading straight into the dtype
     a stage computes in avoids a converted second copy of every weight.
     """
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(model)
+    family = family_for(json.loads((path / "config.json").read_text()).get("model_type"))
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        processor = AutoProcessor.from_pretrained(path)
-        vlm = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES.get(dtype, dtype)))
+        processor = family.load_processor(path)
+        vlm = family.model_class().from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES.get(dtype, dtype)))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QvlmError(f"could not load the model in {str(path)!r}: {first}") from None

@@ -140,3 +140,64 @@ def save_tiny_random_model(out_dir: str | Path, vision: str = "clip", text: str 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+TINY_GRID_PINPOINTS = [[64, 128], [128, 64], [128, 128], [64, 192], [192, 64], [192, 192]]
+
+
+def _anyres_processor(family: str, tokenizer, config, grid_pinpoints: list, aspect: str):
+    """The family's own image processor + the LLaVA chat template (OneVision's without a video processor)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor, LlavaOnevisionImageProcessor
+
+    from ..families.llava_onevision import OnevisionImageTextProcessor
+
+    size = config.vision_config.image_size
+    if family == "llava_next":
+        image = LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                        image_grid_pinpoints=grid_pinpoints, do_convert_rgb=True)
+        return LlavaNextProcessor(image_processor=image, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                                  vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                  num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    image = LlavaOnevisionImageProcessor(size={"height": size, "width": size}, image_grid_pinpoints=grid_pinpoints,
+                                         do_convert_rgb=True)
+    return OnevisionImageTextProcessor(image, tokenizer, num_image_tokens=(size // config.vision_config.patch_size) ** 2,
+                                       vision_feature_select_strategy="full", vision_aspect_ratio=aspect,
+                                       chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def save_tiny_anyres_model(out_dir: str | Path, family: str = "llava_next", seed: int = 0,
+                           grid_pinpoints: list | None = None, vision_aspect_ratio: str = "anyres_max_2",
+                           **config_kwargs) -> Path:
+    """A random-weight tiny LLaVA-NeXT (CLIP + Llama) or LLaVA-OneVision (SigLIP + Qwen2) HF directory.
+
+    64-pixel tiles of 4x4 patches on a grid up to 3x3 tiles; OneVision's patch budget
+    (``anyres_max_2``) is small enough that 2x2 grids are bilinearly shrunk, as 7x7 grids are
+    under the real ``anyres_max_9``.
+    """
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    out, tokenizer = Path(out_dir), build_tokenizer()
+    pins = grid_pinpoints or TINY_GRID_PINPOINTS
+    vision, text = ("clip", "llama") if family == "llava_next" else ("siglip", "qwen2")
+    base = tiny_llava_config(tokenizer, vision=vision, text=text, **config_kwargs)
+    common = {"vision_config": base.vision_config.to_dict(), "text_config": base.text_config.to_dict(),
+              "image_token_index": base.image_token_index, "image_grid_pinpoints": pins,
+              "vision_feature_select_strategy": base.vision_feature_select_strategy,
+              "vision_feature_layer": base.vision_feature_layer, "projector_hidden_act": "gelu"}
+    if family == "llava_next":
+        config = LlavaNextConfig(**common, image_seq_length=base.image_seq_length, pad_token_id=tokenizer.pad_token_id)
+        model_cls = LlavaNextForConditionalGeneration
+    else:
+        config = LlavaOnevisionConfig(**common, vision_aspect_ratio=vision_aspect_ratio)
+        model_cls = LlavaOnevisionForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(out)
+    _anyres_processor(family, tokenizer, config, pins, vision_aspect_ratio).save_pretrained(out)
+    return out

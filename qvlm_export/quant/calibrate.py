@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..data.synthetic import Sample
+from ..families import family_of
 from ..load.model import LoadedVLM, build_prompt
 from .checkpoint import BlockCheckpoint, run_fingerprint
 from .modules import (
@@ -58,10 +59,11 @@ class Unit:
 def model_units(model: nn.Module, include_lm_head: bool = False) -> list[Unit]:
     """The calibration walk; vision layers past the last one the projector reads are not units (see
     :func:`.modules.unused_layers`): calibrating them would quantize layers no exported graph contains."""
-    units = [Unit(f"model.vision_tower.encoder.layers.{i}", "vision", i)
-             for i in range(used_vision_layers(model.config))]
-    units.append(Unit("model.multi_modal_projector", "projector", 0))
-    units += [Unit(f"model.language_model.layers.{i}", "decoder", i) for i in range(len(model.model.language_model.layers))]
+    family = family_of(model)
+    units = [Unit(f"{family.vision_layers}.{i}", "vision", i) for i in range(used_vision_layers(model.config))]
+    units.append(Unit(family.projector, "projector", 0))
+    decoder = model.get_submodule(family.decoder_layers)
+    units += [Unit(f"{family.decoder_layers}.{i}", "decoder", i) for i in range(len(decoder))]
     if include_lm_head:
         units.append(Unit("lm_head", "lm_head", 0))
     return units
@@ -143,6 +145,14 @@ class CalibBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
+    image_sizes: torch.Tensor | None = None  # any-resolution families: (h, w) per image
+
+    def images(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The image keyword arguments of the HF model's forward (``pixel_values``, ``image_sizes``)."""
+        out = {"pixel_values": self.pixel_values if device is None else self.pixel_values.to(device)}
+        if self.image_sizes is not None:
+            out["image_sizes"] = self.image_sizes
+        return out
 
 
 def encode_batches(vlm: LoadedVLM, samples: Sequence[Sample], batch_size: int) -> list[CalibBatch]:
@@ -152,7 +162,8 @@ def encode_batches(vlm: LoadedVLM, samples: Sequence[Sample], batch_size: int) -
         enc = vlm.processor(images=[s.image for s in chunk], text=[build_prompt(vlm.processor, s.question) for s in chunk],
                             return_tensors="pt", padding=True)
         # pixels in the model's dtype: a bf16/fp16 model (loaded in its own dtype) rejects fp32 inputs
-        batches.append(CalibBatch(enc["input_ids"], enc["attention_mask"], enc["pixel_values"].to(vlm.model.dtype)))
+        batches.append(CalibBatch(enc["input_ids"], enc["attention_mask"], enc["pixel_values"].to(vlm.model.dtype),
+                                  enc.get("image_sizes")))
     return batches
 
 
@@ -220,22 +231,24 @@ class SequentialCalibrator:
 
     # -- boundaries -------------------------------------------------------------------
     def _vision_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
-        tower = self.vlm.model.model.vision_tower
+        tower, family = self.vlm.model.model.vision_tower, family_of(self.vlm.model)
         xs, kws = [], []
         for b in self.batches:
-            x, kwargs = _capture_call(tower.encoder.layers[0], lambda b=b: tower(b.pixel_values.to(self.device)))
+            tiles = family.tiles_torch(self.vlm.model, b.images(self.device))
+            x, kwargs = _capture_call(tower.encoder.layers[0], lambda t=tiles: tower(t))
             xs.append(x)
             kws.append(kwargs)
         return xs, kws
 
     def _decoder_inputs(self, image_features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-        inner = self.vlm.model.model
+        inner, family = self.vlm.model.model, family_of(self.vlm.model)
         xs, kws = [], []
         for b, feats in zip(self.batches, image_features):
             ids = b.input_ids.to(self.device)
             embeds = inner.language_model.embed_tokens(ids)
             mask = (ids == self.vlm.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+            packed = family.pack_torch(self.vlm.model, feats.to(self.device), b.images())
+            embeds = embeds.masked_scatter(mask, packed.to(embeds.dtype))
             position_ids = (b.attention_mask.long().cumsum(-1) - 1).clamp_min(0).to(self.device)
             run = lambda e=embeds, m=b.attention_mask, p=position_ids: inner.language_model(  # noqa: E731
                 inputs_embeds=e, attention_mask=m.to(self.device), position_ids=p, use_cache=False)
@@ -260,7 +273,7 @@ class SequentialCalibrator:
         state.extras["left_out"] = unused_layers(self.vlm.model.config)
         ckpt = None
         if checkpoint_dir is not None:
-            inputs = [t for b in self.batches for t in (b.input_ids, b.attention_mask, b.pixel_values)]
+            inputs = [t for b in self.batches for t in (b.input_ids, b.attention_mask, *b.images().values())]
             fingerprint = run_fingerprint(self.vlm.model, self.recipe, [u.name for u in self.units], partition, inputs)
             ckpt = BlockCheckpoint(Path(checkpoint_dir), fingerprint, self.recipe)
         with torch.no_grad():

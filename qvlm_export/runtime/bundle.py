@@ -20,7 +20,9 @@ processor in ``processor/``; every reader goes through ``graphs.*.file`` and
      "graphs": {"vision": {"file", "inputs", "outputs", "sha256",
                            "weight_bytes": {"total", "linear", "linear_fp16"}}, "embed": ..., "decoder": ...},
      "model": {"image_token_id", "eos_token_id", "pad_token_id", "num_layers", "num_kv_heads", "head_dim",
-               "hidden_size", "vocab_size", "image_seq_length", "image_size", "max_positions"},
+               "hidden_size", "vocab_size", "image_seq_length", "image_size", "max_positions",
+               "family", "image_layout"},   (the last two only for families other than llava:
+               the HF model_type, and families/anyres.py's tile-packing layout)
      "quant": {"setting", "method", "deployable", "runs_on", "weight_bits", "act_bits", "group_size",
                "layers", "state_sha256"},
      "processor": "."}   (the processor's directory, relative to the bundle)
@@ -71,6 +73,15 @@ class ModelSpec:
     image_seq_length: int
     image_size: int
     max_positions: int | None = None  # text model's max_position_embeddings (None: bundles before it was recorded)
+    family: str = "llava"  # the HF model_type (qvlm_export.families)
+    image_layout: dict[str, Any] = field(default_factory=dict)  # how tile features become image tokens
+
+    def to_json(self) -> dict[str, Any]:
+        """LLaVA-1.5 bundles keep the fields they always had (their bundle.json stays byte-identical)."""
+        raw = asdict(self)
+        if self.family == "llava" and not self.image_layout:
+            del raw["family"], raw["image_layout"]
+        return raw
 
 
 @dataclass(frozen=True)
@@ -115,11 +126,12 @@ class BundleInfo:
 
     def load_processor(self):
         """The processor saved in the bundle (left padding, as generation needs)."""
-        from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
+        from ..families import family_for
+
         hf_logging.set_verbosity_error()
-        processor = AutoProcessor.from_pretrained(self.path / self.processor)
+        processor = family_for(self.model.family).load_processor(self.path / self.processor)
         processor.tokenizer.padding_side = "left"
         return processor
 
@@ -129,7 +141,7 @@ class BundleInfo:
                       **({"data_file": io.data_file, "data_sha256": io.data_sha256} if io.data_file else {})}
                   for g, io in self.graphs.items()}
         return {"format": BUNDLE_FORMAT, "dtype": self.dtype, "opset": self.opset, "graphs": graphs,
-                "model": asdict(self.model), "quant": self.quant, "processor": self.processor}
+                "model": self.model.to_json(), "quant": self.quant, "processor": self.processor}
 
 
 def write_bundle_json(info: BundleInfo, out_dir: Path) -> None:

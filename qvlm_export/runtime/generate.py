@@ -6,7 +6,8 @@ bundle answers exactly like the PyTorch (simulated) model:
 
 * prompts are left padded; positions count from each row's first real token and
   padding positions get 1 (:func:`position_ids`);
-* image features replace the image-token embeddings in order (:func:`merge_image_features`);
+* image features (tiles packed by the model family, ``runtime/images.py``) replace the
+  image-token embeddings in order (:func:`merge_image_features`);
 * one prefill step with zero-length past, then one decode step per token; the mask grows
   by one column each step; a finished row keeps receiving the pad token.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import QvlmError
+from .images import image_features
 from .runner import VLMRunner
 
 
@@ -42,6 +44,12 @@ def merge_image_features(inputs_embeds: np.ndarray, input_ids: np.ndarray, image
     return merged
 
 
+def prompt_embeds(runner: VLMRunner, input_ids: np.ndarray, images: dict[str, np.ndarray]) -> np.ndarray:
+    """Token embeddings of the prompts with every image token replaced by its image feature."""
+    return merge_image_features(runner.embed(input_ids), input_ids, image_features(runner, images),
+                                runner.info.model.image_token_id)
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     tokens: np.ndarray  # [B, T] new tokens (pad after EOS)
@@ -49,15 +57,18 @@ class GenerationResult:
 
 
 def greedy_generate(runner: VLMRunner, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
-                    max_new_tokens: int = 8) -> GenerationResult:
-    """Greedy decoding of a left-padded batch with one image per prompt (runner must be active)."""
+                    max_new_tokens: int = 8, image_sizes: np.ndarray | None = None) -> GenerationResult:
+    """Greedy decoding of a left-padded batch with one image per prompt (runner must be active).
+
+    ``image_sizes``: (h, w) per image, for any-resolution families (the processor returns it).
+    """
     spec = runner.info.model
     if max_new_tokens < 1:
         raise QvlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     input_ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.asarray(attention_mask, dtype=np.int64)
-    embeds = merge_image_features(runner.embed(input_ids), input_ids, runner.vision(pixel_values),
-                                  spec.image_token_id)
+    images = {"pixel_values": pixel_values, **({} if image_sizes is None else {"image_sizes": image_sizes})}
+    embeds = prompt_embeds(runner, input_ids, images)
     batch = input_ids.shape[0]
     logits, past = runner.decode(embeds, mask, position_ids(mask), runner.info.empty_past(batch))
     first = logits[:, -1].astype(np.float32)
@@ -91,12 +102,13 @@ class RunnerAnswerer:
 
     def inputs(self, images: list, questions: list[str]) -> dict[str, np.ndarray]:
         from ..load.model import build_prompt, check_context
+        from .images import image_inputs
 
         prompts = [build_prompt(self.processor, q) for q in questions]
         batch = self.processor(images=images, text=prompts, return_tensors="np", padding=True)
         check_context(int(batch["input_ids"].shape[1]), self.max_new_tokens, self.runner.info.model.max_positions)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "pixel_values": batch["pixel_values"]}
+                **image_inputs(self.runner.info, batch)}
 
     def generate(self, images: list, questions: list[str]) -> GenerationResult:
         if not self._active:

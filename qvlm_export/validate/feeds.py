@@ -3,7 +3,7 @@
 Every candidate graph gets exactly the reference's inputs, so graph parity measures the
 graph alone, not error carried over from an upstream graph:
 
-* ``vision``: ``pixel_values`` of each calibration batch;
+* ``vision``: the image tiles of each calibration batch (``pixel_values`` for LLaVA-1.5);
 * ``embed``: ``input_ids`` of the prompts;
 * ``decoder``: a prefill step (``inputs_embeds`` = reference token embeddings with the
   reference image features scattered into the image-token positions, zero-length past)

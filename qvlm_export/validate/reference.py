@@ -53,9 +53,11 @@ def resolve_reference(reference: str | Path, scratch: Path, log: Log) -> tuple[B
 
 
 def calibration_batches(info: BundleInfo, config: ValidateConfig) -> list[dict[str, np.ndarray]]:
-    """Processor outputs (input_ids, attention_mask, pixel_values) of the calibration samples, in batches."""
+    """Processor outputs of the calibration samples in batches: input_ids, attention_mask, and ``tiles`` (the
+    vision graph's input) plus what packing their features needs (``images``, see runtime/images.py)."""
     from ..data.manifest import load_dataset
     from ..load.model import build_prompt
+    from ..runtime.images import image_inputs, vision_tiles
 
     samples = load_dataset(config.calib, limit=config.calib_samples)
     processor = info.load_processor()
@@ -64,14 +66,16 @@ def calibration_batches(info: BundleInfo, config: ValidateConfig) -> list[dict[s
         chunk = samples[start:start + config.batch_size]
         enc = processor(images=[s.image for s in chunk], text=[build_prompt(processor, s.question) for s in chunk],
                         return_tensors="np", padding=True)
+        images = image_inputs(info, enc)
         batches.append({"input_ids": enc["input_ids"].astype(np.int64),
                         "attention_mask": enc["attention_mask"].astype(np.int64),
-                        "pixel_values": enc["pixel_values"].astype(info.float_dtype)})
+                        "tiles": vision_tiles(info, images), "images": images})
     return batches
 
 
 def build_feeds(info: BundleInfo, config: ValidateConfig) -> dict[str, list[dict[str, np.ndarray]]]:
     """Per-graph feeds; decoder feeds are advanced with the reference graphs (faithful ORT)."""
+    from ..runtime.images import pack_features
     from ..runtime.ort_runner import OrtGraphSet
 
     vision_in, embed_in = info.graphs["vision"].inputs[0], info.graphs["embed"].inputs[0]
@@ -79,9 +83,10 @@ def build_feeds(info: BundleInfo, config: ValidateConfig) -> dict[str, list[dict
     graphs = OrtGraphSet(info, "faithful", config.threads).activate()
     try:
         for batch in calibration_batches(info, config):
-            feeds["vision"].append({vision_in: batch["pixel_values"]})
+            feeds["vision"].append({vision_in: batch["tiles"]})
             feeds["embed"].append({embed_in: batch["input_ids"]})
-            features = graphs.run("vision", {vision_in: batch["pixel_values"]})[info.graphs["vision"].outputs[0]]
+            tile_features = graphs.run("vision", {vision_in: batch["tiles"]})[info.graphs["vision"].outputs[0]]
+            features = pack_features(info, tile_features, batch["images"])
             feeds["decoder"] += decoder_feeds(graphs.run, info, batch["input_ids"], batch["attention_mask"],
                                               features, config.decode_steps)
     finally:

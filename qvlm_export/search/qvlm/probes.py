@@ -85,7 +85,7 @@ def _run_hooked(model: nn.Module, batches: Sequence[CalibBatch], targets: dict[s
             for b in batches:
                 current["mask"] = b.attention_mask.to(device).bool()
                 model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                      pixel_values=b.pixel_values.to(device))
+                      **b.images(device))
     finally:
         for h in handles:
             h.remove()

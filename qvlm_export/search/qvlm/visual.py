@@ -46,7 +46,7 @@ def _input_absmax(model: nn.Module, batches: Sequence[CalibBatch], names: list[s
         with torch.no_grad():
             for b in batches:
                 model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                      pixel_values=b.pixel_values.to(device))
+                      **b.images(device))
     finally:
         for h in handles:
             h.remove()
@@ -85,9 +85,10 @@ def jacobian_norms(model: nn.Module, recipe: QuantRecipe, batches: Sequence[Cali
         for b in batches:
             inputs = {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device)}
             with torch.no_grad():
-                ref = model(**inputs, pixel_values=b.pixel_values.to(device)).logits
-            pixels = b.pixel_values.to(device).clone().requires_grad_(True)  # makes the activations require grad
-            out = qmodel(**inputs, pixel_values=pixels).logits
+                ref = model(**inputs, **b.images(device)).logits
+            images = b.images(device)
+            images["pixel_values"] = images["pixel_values"].clone().requires_grad_(True)  # activations require grad
+            out = qmodel(**inputs, **images).logits
             mask = inputs["attention_mask"].to(out.dtype).unsqueeze(-1)
             per_sample = ((out - ref).pow(2) * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
             per_sample.sum().backward()
