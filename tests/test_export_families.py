@@ -97,3 +97,33 @@ def test_image_sizes_cover_several_aspect_ratios():
     batch = H.prompt_batch(vlm.processor, samples())
     ratios = {round(w / h, 2) for h, w in batch["image_sizes"]}
     assert len(ratios) >= 4 and len(SIZES) == batch["image_sizes"].shape[0]
+
+
+# Every method calibrates on real multi-tile inputs (3 tiles per builtin image); short searches.
+FAST_ARGS = {"qvlm": {"iterations": 4, "progress": False}, "qvit": {"iterations": 4, "progress": False},
+             "qvlm_plus": {"iterations": 4, "ig_steps": 4, "progress": False},
+             "qig": {"ig_steps": 4, "grid": 5, "clip_grid": 5}}
+METHODS = ("rtn", "smoothquant", "awq", "gptq", "qvlm", "qig", "qvit", "qvlm_plus")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_quantizes_onevision_at_w8a8(method):
+    """Simulated W8A8 logits of each method within 20 dB SQNR of FP on images of five aspect ratios."""
+    import torch
+
+    from qvlm_export.quant.functional import sqnr_db
+    from qvlm_export.quant.recipe import load_recipe, recipe_from_dict
+    from qvlm_export.quant.simulate import load_simulated
+    from qvlm_export.search.api import quantize
+
+    raw = load_recipe(f"{method}-w8a8").to_dict()
+    raw["method_args"] = {**raw.get("method_args", {}), **FAST_ARGS.get(method, {})}
+    raw["calibration"] = {**raw["calibration"], "samples": 4, "batch_size": 4}
+    state = quantize(model=model("llava_onevision"), recipe=recipe_from_dict(raw), calib="builtin:calib",
+                     out=H.workdir() / f"ov-{method}", progress=False, device="cpu")
+    quant_vlm, fp_vlm = load_simulated(state)[0], H.reference_model("fp", model("llava_onevision"))
+    batch = H.prompt_batch(fp_vlm.processor, samples())
+    kwargs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.inference_mode():
+        ref, got = fp_vlm.model(**kwargs).logits, quant_vlm.model(**kwargs).logits
+    assert sqnr_db(ref, got) > 20.0
