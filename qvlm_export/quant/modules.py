@@ -59,7 +59,9 @@ def unused_layers(config) -> dict[str, str]:
     n, used = config.vision_config.num_hidden_layers, used_vision_layers(config)
     why = (f"vision_feature_layer {config.vision_feature_layer!r} reads vision hidden state(s) "
            f"{vision_feature_layers(config)} of {n}: this layer's output feeds nothing")
-    return {f"model.vision_tower.encoder.layers.{i}": why for i in range(used, n)}
+    from ..families import family_of
+
+    return {f"{family_of(config).vision_layers}.{i}": why for i in range(used, n)}
 
 
 def in_unused_layer(name: str, unused: dict[str, str]) -> bool:
