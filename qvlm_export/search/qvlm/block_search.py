@@ -168,7 +168,8 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
             if not search[first].quantize_input:  # A16: the entropy probe is a fixed 8-bit absmax code
                 search[first].step0.copy_(probe_scale(absmax[first], cfg.probe_bits))
         hooks = hooks or SearchHooks()
-        learned = [t for sl in search.values() for t in sl.parameters()]
+        # The rounding logits' start is recomputed to restore it (no block-sized copy); the rest is copied.
+        learned = [sl.log_step for sl in search.values() if sl.log_step is not None]
         learned += [t for group in hooks.param_groups for t in group["params"]]  # e.g. Q-ViT's IRM scales
         at_start = [t.detach().clone() for t in learned]
         train, held = split_batches(len(ctx.q_inputs), cfg.holdout)
@@ -188,6 +189,8 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
             kept_start = final_err > init_err
         if kept_start:
             with torch.no_grad():
+                for sl in search.values():
+                    sl.reset_rounding()
                 for t, t0 in zip(learned, at_start):
                     t.copy_(t0)
             final_err = init_err

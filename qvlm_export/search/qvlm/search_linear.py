@@ -11,12 +11,19 @@ During the search each Linear of a block is swapped for a :class:`SearchLinear`:
   serve every layer's magnitude), ``s0`` the MSE-optimal clipped step on the block input.
 
 After the search :meth:`SearchLinear.to_layer` takes the hard rounding into integer codes.
+
+Memory (a 7B decoder layer is 0.81 GB of fp32 weights, ``W``): a start candidate holds no logits
+(``lazy``: computed from its base weight when it runs, :meth:`SearchLinear.materialize` when it wins),
+and the soft weight is rebuilt in the backward pass instead of keeping its intermediates
+(:func:`torch.utils.checkpoint.checkpoint`), so the search holds ``v``, its gradient and Adam's two
+moments (4 W) plus one soft weight per Linear, not every intermediate of every Linear's rounding.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...quant import functional as F
 from ...quant.recipe import QuantRecipe, WeightSpec
@@ -74,10 +81,12 @@ class SearchLinear(nn.Module):
     """A Linear with learnable rounding and activation step (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear, recipe: QuantRecipe, act_scale: torch.Tensor | None,
-                 clip_grid: tuple[float, ...], start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 clip_grid: tuple[float, ...], start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 lazy: bool = False):
         """``start`` = (base weight, scale, zero point) begins the rounding search elsewhere than
         round-to-nearest of the FP weight: at GPTQ's solution, the base being the weight its walk
-        rounded (:func:`~qvlm_export.search.algorithms.gptq_quantize`'s ``seen``)."""
+        rounded (:func:`~qvlm_export.search.algorithms.gptq_quantize`'s ``seen``). ``lazy``: no
+        rounding logits are stored until :meth:`materialize` (a start candidate, evaluated hard)."""
         super().__init__()
         self.spec, self.act_bits = recipe.weights, recipe.activations.bits
         w = (linear.weight if start is None else start[0]).detach().float()
@@ -89,7 +98,9 @@ class SearchLinear(nn.Module):
             scale, zp = start[1].float(), start[2].to(torch.int32)
         self.register_buffer("w_scale", scale)
         self.register_buffer("w_zp", zp)
-        self.v = nn.Parameter(F.adaround_init(w, scale, self.spec.granularity, self.spec.group_size))
+        self.register_parameter("v", None)
+        if not lazy:
+            self.materialize()
         self.quantize_input = act_scale is not None and self.act_bits is not None
         self.register_buffer("step0", torch.as_tensor(act_scale if self.quantize_input else 1.0).float().reshape(()))
         self.log_step = nn.Parameter(torch.zeros((), device=w.device)) if self.quantize_input else None
@@ -97,13 +108,35 @@ class SearchLinear(nn.Module):
         self.capture = False  # keep the (pre-quantization) input for the entropy term
         self.captured: torch.Tensor | None = None
 
+    def initial_logits(self) -> torch.Tensor:
+        """AdaRound's logits at the start: ``h(v)`` is the fractional part of ``weight / w_scale``."""
+        return F.adaround_init(self.weight, self.w_scale, self.spec.granularity, self.spec.group_size)
+
+    def materialize(self) -> None:
+        """Store the rounding logits as the learnable parameter ``v`` (once)."""
+        if self.v is None:
+            self.v = nn.Parameter(self.initial_logits())
+
+    def reset_rounding(self) -> None:
+        """Put ``v`` back at its start (recomputed: bit-identical to the stored start, without a copy of it)."""
+        with torch.no_grad():
+            self.v.copy_(self.initial_logits())
+
     def act_step(self) -> torch.Tensor:
         return self.step0 * torch.exp(self.log_step) if self.log_step is not None else self.step0
 
-    def quant_weight(self) -> torch.Tensor:
+    def _weight(self, v: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        return F.adaround_weight(self.weight, self.v, self.w_scale, self.w_zp, s.bits, s.symmetric,
+        return F.adaround_weight(self.weight, v, self.w_scale, self.w_zp, s.bits, s.symmetric,
                                  s.granularity, s.group_size, hard=self.hard)
+
+    def quant_weight(self) -> torch.Tensor:
+        v = self.initial_logits() if self.v is None else self.v
+        if self.hard or not torch.is_grad_enabled():
+            return self._weight(v)
+        # Soft rounding with gradients: keep only the inputs and recompute the intermediates (several
+        # weight-sized tensors per Linear) in the backward pass; the same ops, so the same gradient.
+        return checkpoint(self._weight, v, use_reentrant=False, preserve_rng_state=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture:

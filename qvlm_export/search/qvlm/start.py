@@ -17,6 +17,13 @@ Each weight start is tried with the MSE-clipped and with the absmax activation s
 weight. The search then only moves from the start, and :func:`search_block` keeps the
 start when the search ends with a larger block error, so the result is never worse, on
 the block objective, than any start (in particular, the GPTQ baseline).
+
+Memory does not grow with the number of starts: a candidate is built ``lazy`` (its base
+weight and grid, no rounding logits), only the best so far is kept while the next is built,
+each GPTQ group's Hessian is measured once for the Linears that share its input and dropped
+once they are quantized, and only the winner gets its logits (:meth:`SearchLinear.materialize`).
+At most two candidates' base weights (GPTQ's ``seen``; round-to-nearest shares the model's)
+and one group's Hessian are alive at a time.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def rtn_start(ctx: BlockContext, originals: dict[str, nn.Linear], act: dict[str,
     """SearchLinears at round-to-nearest on the MSE-clipped grid, swapped into the block."""
     search = {}
     for name, lin in originals.items():
-        search[name] = SearchLinear(lin, ctx.recipe, act[name], grid).to(lin.weight.device)
+        search[name] = SearchLinear(lin, ctx.recipe, act[name], grid, lazy=True).to(lin.weight.device)
         swap_module(ctx, name, search[name])
     return search
 
@@ -57,19 +64,23 @@ def gptq_start(ctx: BlockContext, originals: dict[str, nn.Linear], groups: list[
     spec, bits = ctx.recipe.weights, ctx.recipe.activations.bits
     search: dict[str, SearchLinear] = {}
     for group in groups:
-        stats = collect_input_stats(ctx, group, hessian=True)
+        # The group's Linears read the very same tensor (input_groups): one Hessian serves them all.
+        stats = collect_input_stats(ctx, group[:1], hessian=True)[group[0]]
+        hessian = stats.hessian
+        stats.xtx = None
         for name in group:
             lin = originals[name]
             w = lin.weight.detach().float()
             fixed = mse_weight_qparams(w, spec, grid)[0] if grid is not None and spec.symmetric else None
             seen = torch.zeros_like(w)
-            _, scale, zero = gptq_quantize(w, stats[name].hessian, spec.bits, spec.granularity, spec.group_size,
+            _, scale, zero = gptq_quantize(w, hessian, spec.bits, spec.granularity, spec.group_size,
                                            spec.symmetric, damp=GPTQ_DAMP, fixed_scale=fixed, seen=seen)
-            step = act[name] if grid is not None or bits is None else activation_scale(stats[name].absmax, bits)
-            sl = SearchLinear(lin, ctx.recipe, step, grid or (1.0,), start=(seen, scale, zero)).to(w.device)
+            step = act[name] if grid is not None or bits is None else activation_scale(stats.absmax, bits)
+            sl = SearchLinear(lin, ctx.recipe, step, grid or (1.0,), start=(seen, scale, zero), lazy=True).to(w.device)
             sl.hard = True
             search[name] = sl
             swap_module(ctx, name, sl)
+        del stats, hessian  # before the next group's Hessian is measured
     return search
 
 
@@ -88,21 +99,29 @@ def choose_start(ctx: BlockContext, starts: tuple[str, ...], act_mse: dict[str, 
             search = rtn_start(ctx, originals, act_mse, grid)
         else:
             search = gptq_start(ctx, originals, groups, act_mse, grid if name == "gptq_mse" else None)
-        for sl in search.values():
-            sl.hard = True
-        for act_name, act in _act_choices(search, act_mse, act_absmax):
-            label = name if act_name is None else f"{name}+{act_name}"
-            _set_act(search, act)
-            err = error()
+        for err, label, act in _evaluate(search, name, act_mse, act_absmax, error):
             if best is None or err < best[0]:
                 best = (err, label, search, act)
         for lin_name, lin in originals.items():
             swap_module(ctx, lin_name, lin)
+        del search  # a losing candidate is freed before the next one is built
     err, label, search, act = best
     _set_act(search, act)
     for lin_name, sl in search.items():
+        sl.materialize()
         swap_module(ctx, lin_name, sl)
     return search, label, err
+
+
+def _evaluate(search: dict[str, SearchLinear], name: str, act_mse, act_absmax, error) -> list[tuple[float, str, dict]]:
+    """The hard block error of a swapped-in start with each of its activation-step choices."""
+    for sl in search.values():
+        sl.hard = True
+    out = []
+    for act_name, act in _act_choices(search, act_mse, act_absmax):
+        _set_act(search, act)
+        out.append((error(), name if act_name is None else f"{name}+{act_name}", act))
+    return out
 
 
 def _act_choices(search: dict[str, SearchLinear], act_mse, act_absmax) -> list[tuple[str | None, dict | None]]:

@@ -20,8 +20,8 @@ entropy where the final output is sensitive, which lowers the cross-layer depend
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -53,24 +53,48 @@ def _input_absmax(model: nn.Module, batches: Sequence[CalibBatch], names: list[s
     return absmax
 
 
-def rtn_model(model: nn.Module, recipe: QuantRecipe, batches: Sequence[CalibBatch], device: str) -> nn.Module:
-    """A copy of ``model`` quantized by round-to-nearest (absmax activation steps from ``batches``)."""
+def rtn_layers(model: nn.Module, recipe: QuantRecipe, batches: Sequence[CalibBatch], device: str) -> dict[str, QuantLinear]:
+    """Round-to-nearest QuantLinears of ``model``'s quantizable Linears (absmax activation steps from
+    ``batches``): integer codes, a quarter of the fp32 weights, instead of a copy of the model."""
     names = [n for n, _ in quantizable_linears(model, recipe)]
     bits = recipe.activations.bits
     absmax = _input_absmax(model, batches, names, device) if bits else {}
-    qmodel = copy.deepcopy(model).eval()
+    layers = {}
     for name in names:
-        lin = qmodel.get_submodule(name)
+        lin = model.get_submodule(name)
         scale = activation_scale(absmax[name], bits) if bits else None
-        set_submodule(qmodel, name, QuantLinear(rtn_layer(lin.weight.detach(), recipe, scale), lin.bias, lin.weight.dtype))
-    qmodel.requires_grad_(False)
-    return qmodel
+        layers[name] = QuantLinear(rtn_layer(lin.weight.detach(), recipe, scale), lin.bias, lin.weight.dtype)
+    return layers
+
+
+@contextmanager
+def swapped_in(model: nn.Module, modules: dict[str, nn.Module]):
+    """``model`` with ``modules`` in place of its own and every parameter frozen; restored on exit."""
+    originals = {name: model.get_submodule(name) for name in modules}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for name, module in modules.items():
+        set_submodule(model, name, module)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for name, module in originals.items():
+            set_submodule(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def jacobian_norms(model: nn.Module, recipe: QuantRecipe, batches: Sequence[CalibBatch], probes: dict[str, str],
                    device: str = "cpu") -> dict[str, float]:
-    """``mean_i ||dE^(n)/dX^(k)||`` for each unit of ``probes`` (unit name -> first Linear name)."""
-    qmodel = rtn_model(model, recipe, batches, device)
+    """``mean_i ||dE^(n)/dX^(k)||`` for each unit of ``probes`` (unit name -> first Linear name).
+
+    The RTN model is ``model`` itself with its Linears swapped for :func:`rtn_layers` per batch (and
+    swapped back for the FP reference), not a deep copy: a second model in memory was 2x the peak.
+    """
+    if not probes:
+        return {}
+    qlayers = rtn_layers(model, recipe, batches, device)
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(unit):
@@ -79,25 +103,26 @@ def jacobian_norms(model: nn.Module, recipe: QuantRecipe, batches: Sequence[Cali
             captured[unit] = args[0]
         return hook
 
-    handles = [qmodel.get_submodule(lin).register_forward_pre_hook(hook_for(u)) for u, lin in probes.items()]
     norms: dict[str, list[torch.Tensor]] = {u: [] for u in probes}
-    try:
-        for b in batches:
-            inputs = {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device)}
-            with torch.no_grad():
-                ref = model(**inputs, **b.images(device)).logits
-            images = b.images(device)
-            images["pixel_values"] = images["pixel_values"].clone().requires_grad_(True)  # activations require grad
-            out = qmodel(**inputs, **images).logits
-            mask = inputs["attention_mask"].to(out.dtype).unsqueeze(-1)
-            per_sample = ((out - ref).pow(2) * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
-            per_sample.sum().backward()
-            for u, x in captured.items():
-                norms[u].append(x.grad.flatten(1).norm(dim=1).detach().cpu())
-            captured.clear()
-    finally:
-        for h in handles:
-            h.remove()
+    for b in batches:
+        inputs = {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask.to(device)}
+        with torch.no_grad():
+            ref = model(**inputs, **b.images(device)).logits
+        with swapped_in(model, qlayers):
+            handles = [model.get_submodule(lin).register_forward_pre_hook(hook_for(u)) for u, lin in probes.items()]
+            try:
+                images = b.images(device)
+                images["pixel_values"] = images["pixel_values"].clone().requires_grad_(True)  # activations require grad
+                out = model(**inputs, **images).logits
+                mask = inputs["attention_mask"].to(out.dtype).unsqueeze(-1)
+                per_sample = ((out - ref).pow(2) * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+                per_sample.sum().backward()
+            finally:
+                for h in handles:
+                    h.remove()
+        for u, x in captured.items():
+            norms[u].append(x.grad.flatten(1).norm(dim=1).detach().cpu())
+        captured.clear()
     return {u: float(torch.cat(v).mean()) for u, v in norms.items()}
 
 
