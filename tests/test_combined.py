@@ -65,3 +65,25 @@ def test_shipped_recipes_run_qvlm_exactly_as_its_own_recipe(setting):
 
     plus, qvlm = load_recipe(f"qvlm_plus-{setting}"), load_recipe(f"qvlm-{setting}")
     assert get_method("qvlm_plus")(plus).config == get_method("qvlm")(qvlm).config
+
+
+def test_choose_per_block_keeps_the_smaller_held_out_error(tiny_model_dir, tmp_path):
+    base = _state(tiny_model_dir, tmp_path / "a", "qvlm", {"iterations": 4, "progress": False})
+    plus = _state(tiny_model_dir, tmp_path / "b", "qvlm_plus", {**FAST, "lr_irm": 0.1})
+    chosen = _state(tiny_model_dir, tmp_path / "c", "qvlm_plus", {**FAST, "lr_irm": 0.1, "choose_per_block": True})
+    choice = chosen.extras["qvlm_plus_choice"]
+    assert choice.keys() == chosen.extras["qvlm_blocks"].keys() == base.extras["qvlm_blocks"].keys()
+    for block, c in choice.items():
+        expected = "qvlm_plus" if c["plus_held_error"] < c["qvlm_held_error"] else "qvlm"
+        assert c["chosen"] == expected, block
+    # the first block sees the same input in all three runs: its codes are the chosen run's
+    first = next(iter(choice))
+    source = base if choice[first]["chosen"] == "qvlm" else plus
+    names = [n for n in base.layers if n.startswith(first + ".") or n == first]
+    assert names
+    for name in names:
+        assert torch.equal(chosen.layers[name].weight_codes, source.layers[name].weight_codes), name
+    # an IRM is folded only into blocks whose combined search was kept
+    folded = set(chosen.extras.get("qvlm_plus_irm", {}))
+    kept = {u for b, c in choice.items() if c["chosen"] == "qvlm_plus" for u in chosen.extras["qvlm_blocks"][b]["units"]}
+    assert folded <= kept

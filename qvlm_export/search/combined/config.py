@@ -27,6 +27,8 @@ class CombinedConfig:
         qvit: Q-ViT's DGD term and learnable IRM in the vision blocks.
         lambda_dgd, lr_irm: as Q-ViT's (:class:`..qvit.config.QViTConfig`).
         irm: learn and fold the IRM (with ``qvit``).
+        choose_per_block: search every block also as plain Q-VLM and keep the one with the smaller
+            unweighted block error on the held-out calibration batches (:mod:`.choice`).
     """
 
     token_weights: bool = True
@@ -38,6 +40,7 @@ class CombinedConfig:
     lambda_dgd: float = 0.1
     irm: bool = True
     lr_irm: float = 0.01
+    choose_per_block: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
