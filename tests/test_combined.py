@@ -76,6 +76,7 @@ def test_choose_per_block_keeps_the_smaller_held_out_error(tiny_model_dir, tmp_p
     for block, c in choice.items():
         expected = "qvlm_plus" if c["plus_held_error"] < c["qvlm_held_error"] else "qvlm"
         assert c["chosen"] == expected, block
+    assert {c["chosen"] for c in choice.values()} == {"qvlm", "qvlm_plus"}  # both branches taken here
     # the first block sees the same input in all three runs: its codes are the chosen run's
     first = next(iter(choice))
     source = base if choice[first]["chosen"] == "qvlm" else plus
@@ -87,3 +88,10 @@ def test_choose_per_block_keeps_the_smaller_held_out_error(tiny_model_dir, tmp_p
     folded = set(chosen.extras.get("qvlm_plus_irm", {}))
     kept = {u for b, c in choice.items() if c["chosen"] == "qvlm_plus" for u in chosen.extras["qvlm_blocks"][b]["units"]}
     assert folded <= kept
+
+
+def test_choose_on_both_also_needs_the_whole_calibration_set(tiny_model_dir, tmp_path):
+    state = _state(tiny_model_dir, tmp_path, "qvlm_plus", {**FAST, "choose_per_block": True, "choose_on": "both"})
+    for block, c in state.extras["qvlm_plus_choice"].items():
+        wins = c["plus_held_error"] < c["qvlm_held_error"] and c["plus_error"] < c["qvlm_error"]
+        assert c["chosen"] == ("qvlm_plus" if wins else "qvlm"), block

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vs", default="", help="methods whose docs/results.json row (same setting) to compare with")
     parser.add_argument("--vs-json", action="append", default=[], help="rows written by --json to compare with")
     parser.add_argument("--json", default=None, help="write the row here")
+    parser.add_argument("--states-dir", default=None, help="keep the quant state here (default: a temp dir)")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides[key] = parse_value(value)
     with tempfile.TemporaryDirectory() as tmp:
-        row, signal = measure(args.recipe, overrides, Path(tmp))
+        row, signal = measure(args.recipe, overrides, Path(args.states_dir or tmp))
     print(f"{args.recipe} {overrides}: acc {100 * row['accuracy']:.1f} [{100 * row['accuracy_ci'][0]:.1f}, "
           f"{100 * row['accuracy_ci'][1]:.1f}] ({row['per_question']['correct'].count('1')}/"
           f"{len(row['per_question']['correct'])})  logit SQNR {row['logit_sqnr_db']:.2f} "

@@ -8,6 +8,9 @@ With ``choose_per_block`` each block is searched twice from the same start: once
 held-out calibration batches (Q-VLM's ``holdout`` split; all batches when there is none) is
 committed, ties to Q-VLM. So on every block the combination is never above Q-VLM's search on
 Q-VLM's own held-out objective, given the same block input. Costs a second search per block.
+``choose_on: both`` asks more: the combined search must also have the smaller unweighted error on
+the whole calibration set (one held-out batch of 16 samples is a noisy judge, and the minimum of
+two noisy estimates favours the lucky one).
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ class HeldOutJudge:
         held = split_batches(len(ctx.q_inputs), cfg.holdout)[1]
         self.batches = held or None  # None: every batch
 
-    def __call__(self) -> float:
-        return block_error(self.ctx, self.targets, self.masks, self.cfg.token_normalised, self.batches)
+    def __call__(self) -> tuple[float, float]:
+        """(held-out error, error on every calibration batch)."""
+        held = block_error(self.ctx, self.targets, self.masks, self.cfg.token_normalised, self.batches)
+        every = held if self.batches is None else block_error(self.ctx, self.targets, self.masks,
+                                                              self.cfg.token_normalised)
+        return held, every
 
 
 def restore_linears(ctx: BlockContext, originals: dict[str, torch.nn.Module]) -> None:

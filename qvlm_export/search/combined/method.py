@@ -72,15 +72,17 @@ class QVLMPlus(QVLMMethod):
         self._deferred = []
         super().block(ctx)
         plus_err, records, self._deferred = judge(), self._deferred, None
-        chosen = "qvlm_plus" if plus_err < plain_err else "qvlm"
+        wins = plus_err[0] < plain_err[0] and (self.plus.choose_on == "held" or plus_err[1] < plain_err[1])
+        chosen = "qvlm_plus" if wins else "qvlm"
         if chosen == "qvlm":
             for name, layer in plain_layers.items():
                 ctx.replace_linear(name, layer)
             ctx.extras["qvlm_blocks"] = plain_stats
         elif records:
             ctx.extras["qvlm_plus_irm"] = fold_irms(ctx, records)
-        ctx.extras["qvlm_plus_choice"] = {names[0]: {"qvlm_held_error": plain_err, "plus_held_error": plus_err,
-                                                     "chosen": chosen}}
+        ctx.extras["qvlm_plus_choice"] = {names[0]: {
+            "qvlm_held_error": plain_err[0], "plus_held_error": plus_err[0], "qvlm_error": plain_err[1],
+            "plus_error": plus_err[1], "chosen": chosen}}
 
     def search_hooks(self, ctx: BlockContext) -> SearchHooks | None:
         cfg = self.plus
