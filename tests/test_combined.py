@@ -30,6 +30,16 @@ def test_token_weights_by_hand():
     assert float(num / den) == pytest.approx(4.0)
 
 
+def test_relative_weights_make_the_pooled_objective_token_normalised():
+    y, r = torch.randn(2, 5, 8, generator=GEN), torch.randn(2, 5, 8, generator=GEN)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :3] = False
+    w = torch.rand(2, 5, generator=GEN)
+    normalised = error_terms(y, r, mask, True, w)
+    pooled = error_terms(y, r, mask, False, w / r.pow(2).sum(-1))  # what per_token_relative passes
+    torch.testing.assert_close(pooled[0] / pooled[1], normalised[0] / normalised[1])
+
+
 def _state(tiny_model_dir, tmp_path, method, args):
     from qvlm_export.quant.state import load_state
     from qvlm_export.search.api import quantize

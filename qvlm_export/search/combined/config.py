@@ -27,6 +27,9 @@ class CombinedConfig:
         qvit: Q-ViT's DGD term and learnable IRM in the vision blocks.
         lambda_dgd, lr_irm: as Q-ViT's (:class:`..qvit.config.QViTConfig`).
         irm: learn and fold the IRM (with ``qvit``).
+        normalise_tokens: weigh each token's error relative to its own FP energy inside the token-weighted
+            objective (``sum_t w_t ||e_t||^2 / ||r_t||^2 / sum_t w_t``, Q-VLM's token-normalised form with
+            the weights inside), through weights ``w_t / ||r_t||^2`` in the pooled objective.
         choose_per_block: search every block also as plain Q-VLM and keep the one with the smaller
             unweighted block error on the held-out calibration batches (:mod:`.choice`).
         choose_on: ``held`` (the held-out batches decide) or ``both`` (the combined search must also
@@ -42,6 +45,7 @@ class CombinedConfig:
     lambda_dgd: float = 0.1
     irm: bool = True
     lr_irm: float = 0.01
+    normalise_tokens: bool = False
     choose_per_block: bool = False
     choose_on: str = "held"
 
