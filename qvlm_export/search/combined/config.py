@@ -46,8 +46,8 @@ class CombinedConfig:
     irm: bool = True
     lr_irm: float = 0.01
     normalise_tokens: bool = False
-    choose_per_block: bool = False
-    choose_on: str = "held"
+    choose_per_block: bool = True
+    choose_on: str = "both"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
