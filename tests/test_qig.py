@@ -13,7 +13,12 @@ from qvlm_export.quant.recipe import recipe_from_dict
 from qvlm_export.search.awq import AWQ
 from qvlm_export.search.qig.config import qig_config
 from qvlm_export.search.qig.ig import integrated_gradients, iqr_clip, normalise_per_sample, token_weights
-from qvlm_export.search.qig.scale_search import group_token_weights, weighted_error, weighted_scale_search
+from qvlm_export.search.qig.scale_search import (
+    group_token_weights,
+    scale_error,
+    weighted_error,
+    weighted_scale_search,
+)
 from qvlm_export.search.smoothing import find_scale_groups
 from qvlm_export.search.stats import collect_input_stats
 
@@ -139,8 +144,46 @@ def test_qig_quantizes_the_tiny_model_and_records_its_config(tiny_model_dir, tmp
     assert all(g["weighted"] for g in groups.values())
 
 
+def test_scale_error_is_the_search_loss_of_the_chosen_scales(tiny_calibrator):
+    cal = tiny_calibrator("w4a8")
+    checked = []
+
+    def check(ctx):
+        for group in find_scale_groups(ctx, through_gate=True):
+            absmean = collect_input_stats(ctx, group.consumers[:1])[group.consumers[0]].channel_absmean
+            for batches in (None, [1]):
+                r, s, losses = weighted_scale_search(ctx, group, absmean, ctx.recipe, 10, None, "mse", batches=batches)
+                assert scale_error(ctx, group, s, ctx.recipe, None, "mse", False, batches) == min(losses)
+            assert losses[0] != weighted_scale_search(ctx, group, absmean, ctx.recipe, 10, None, "mse")[2][0]
+            checked.append(group.producer)
+        if len(checked) > 3:
+            raise _Done
+
+    with pytest.raises(_Done):
+        cal.run(check)
+
+
+@pytest.mark.parametrize("select_by", ["awq", "qig"])
+def test_awq_candidate_keeps_the_scales_with_the_smaller_held_out_loss(tiny_model_dir, tmp_path, select_by):
+    from qvlm_export.quant.state import load_state
+    from qvlm_export.search.api import quantize
+
+    recipe = recipe_from_dict({"method": "qig", "setting": "w3a16", "calibration": {"batch_size": 2},
+                               "method_args": {"ig_steps": 4, "grid": 5, "awq_candidate": True, "select_by": select_by}})
+    groups = load_state(quantize(model=tiny_model_dir, recipe=recipe, calib="builtin:calib:8", out=tmp_path / "s",
+                                 progress=False)).extras["qig_groups"]
+    assert groups
+    for producer, g in groups.items():
+        c = g["candidate"]
+        e_qig, e_awq = c["held_errors"]
+        assert c["chosen"] == ("awq" if e_awq < e_qig else "qig"), producer
+        assert g["ratio"] == (c["awq_ratio"] if c["chosen"] == "awq" else c["qig_ratio"]), producer
+
+
 def test_bad_qig_option_is_one_line():
     with pytest.raises(QvlmError, match="unknown QIG option 'steps'"):
         qig_config({"steps": 3})
     with pytest.raises(QvlmError, match="loss must be one of"):
         qig_config({"loss": "l1"})
+    with pytest.raises(QvlmError, match="select_by must be one of"):
+        qig_config({"select_by": "both"})

@@ -4,7 +4,8 @@
     python tools/combined_ablation.py --settings w4a4 --out /tmp/abl.json
 
 Each row is ``qvlm-export quantize --recipe qvlm_plus-<setting>`` with ``token_weights`` and ``qvit``
-switched as named (both off is exactly ``qvlm``), then the same measurements as
+switched as named (both off is exactly ``qvlm``) and ``choose_per_block: false`` (the parts as they
+act, without the recipe's per-block guard against plain Q-VLM), then the same measurements as
 ``tools/results_table.py`` (accuracy on builtin:eval, logit SQNR vs FP) plus the vision-output
 SQNR of :mod:`qvlm_export.evaluate.vision` and the search wall time.
 """
@@ -38,7 +39,9 @@ def run(settings: list[str], variants: list[str], states: Path) -> list[dict]:
     for setting in settings:
         for variant in variants:
             qig, qvit = VARIANTS[variant]
-            recipe = load_recipe(f"qvlm_plus-{setting}").with_method_args(token_weights=qig, qvit=qvit, progress=False)
+            # the parts alone, without the per-block guard against plain Q-VLM (docs/combined.md measures that apart)
+            recipe = load_recipe(f"qvlm_plus-{setting}").with_method_args(token_weights=qig, qvit=qvit, progress=False,
+                                                                          choose_per_block=False)
             state = quantize(recipe=recipe, calib="builtin:calib", out=states / f"{setting}-{variant}", progress=False)
             seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
             answerer, info = make_answerer(model=None, quant=str(state))

@@ -38,6 +38,11 @@ SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {
     "w6a6": (6, "channel", 6, False, "simulated (fake-quant) only"),
     "w4a4": (4, "channel", 4, False, "simulated (fake-quant) only"),
 }
+# method_args that change the graph beyond what export writes: the state is simulated only, whatever the setting
+SIMULATED_ARGS: dict[tuple[str, str], str] = {
+    ("irm_form", "layernorm"): "Q-ViT's LayerNorm IRM adds normalisation nodes on q and k that the exported graph "
+                               "does not carry; use irm_form: fold to export",
+}
 # The settings TensorRT builds; W4A8 and W3A16 are ONNX Runtime formats (DESIGN.md section 4).
 TENSORRT_SETTINGS = ("w8a8", "w4a16")
 
@@ -83,12 +88,18 @@ class QuantRecipe:
     version: int = RECIPE_VERSION
 
     @property
+    def simulated_by(self) -> str | None:
+        """Why ``method_args`` make this recipe simulated only (None: they do not)."""
+        return next((why for (key, value), why in SIMULATED_ARGS.items() if self.method_args.get(key) == value), None)
+
+    @property
     def deployable(self) -> bool:
-        return SETTINGS[self.setting][3]
+        return SETTINGS[self.setting][3] and self.simulated_by is None
 
     @property
     def runs_on(self) -> str:
-        return SETTINGS[self.setting][4]
+        why = self.simulated_by
+        return SETTINGS[self.setting][4] if why is None else f"simulated (fake-quant) only: {why}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

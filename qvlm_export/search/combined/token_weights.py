@@ -54,6 +54,15 @@ def mix_uniform(p: torch.Tensor, mask: torch.Tensor | None, mix: float) -> torch
     return (1 - mix) * real / real.sum(-1, keepdim=True).clamp_min(1) + mix * p
 
 
+def per_token_relative(w: torch.Tensor, ctx: BlockContext, b: int) -> torch.Tensor:
+    """``w_t / ||f_r(X_r)_t||^2``: with these weights the pooled objective
+    ``sum_t w'_t ||e_t||^2 / sum_t w'_t ||r_t||^2`` equals ``sum_t w_t ||e_t||^2 / ||r_t||^2 / sum_t w_t``, the
+    token-normalised objective with the token weights inside (each token's error relative to its own FP energy)."""
+    with torch.no_grad():
+        energy = ctx.forward(ctx.fp_inputs[b], b, fp=True).float().pow(2).sum(-1)
+    return w / energy.clamp_min(1e-12)
+
+
 def block_token_weights(ctx: BlockContext, cfg: CombinedConfig) -> list[torch.Tensor] | None:
     """Per batch ``[batch, seq]`` weights (each sample sums to 1 over real tokens); None for 2-D block inputs."""
     if ctx.q_inputs[0].dim() != 3:
@@ -77,7 +86,10 @@ def block_token_weights(ctx: BlockContext, cfg: CombinedConfig) -> list[torch.Te
 
             x, x0 = (xf, xq) if quantized else (xq, torch.zeros_like(xq))
             p = token_weights(integrated_gradients(fn, x, x0, cfg.ig_steps).float(), mask, clip)
-            out.append(mix_uniform(p, mask, cfg.token_mix))
+            w = mix_uniform(p, mask, cfg.token_mix)
+            if cfg.normalise_tokens:
+                w = per_token_relative(w, ctx, b)
+            out.append(w)
     finally:
         for p in frozen:
             p.requires_grad_(True)

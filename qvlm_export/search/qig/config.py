@@ -32,6 +32,12 @@ class QIGConfig:
             normalisation and the loss, and the first ``faithful_uniform_searches`` scale
             searches with uniform weights.
         faithful_uniform_searches: see ``code_faithful``.
+        awq_candidate: per scale group, also search AWQ's scales (uniform weights, MSE) and keep
+            whichever of the two has the smaller ``select_by`` loss on held-out calibration batches
+            (both searched on the others; ours, not QIG's).
+        select_by: the held-out loss that decides: ``awq`` (uniform MSE, AWQ's objective) or
+            ``qig`` (the token-weighted ``loss``).
+        holdout: share of the calibration batches held out for that choice.
     """
 
     grid: int = 20
@@ -47,12 +53,16 @@ class QIGConfig:
     clip_tokens: int = 512
     code_faithful: bool = False
     faithful_uniform_searches: int = 1
+    awq_candidate: bool = False
+    select_by: str = "awq"
+    holdout: float = 0.25
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"loss": ("mae", "mse"), "baseline": ("auto", "zero", "quantized"), "iqr_clip": ("auto", "on", "off")}
+_CHOICES = {"loss": ("mae", "mse"), "baseline": ("auto", "zero", "quantized"), "iqr_clip": ("auto", "on", "off"),
+            "select_by": ("awq", "qig")}
 
 
 def qig_config(args: dict[str, Any], source: str = "method_args") -> QIGConfig:
@@ -61,6 +71,6 @@ def qig_config(args: dict[str, Any], source: str = "method_args") -> QIGConfig:
     for key, allowed in _CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise QvlmError(f"{source}: {key} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
-    if cfg.grid < 1 or cfg.ig_steps < 1 or cfg.clip_grid < 1 or cfg.amplify <= 0:
-        raise QvlmError(f"{source}: grid, ig_steps and clip_grid must be >= 1 and amplify > 0")
+    if cfg.grid < 1 or cfg.ig_steps < 1 or cfg.clip_grid < 1 or cfg.amplify <= 0 or not 0 <= cfg.holdout < 1:
+        raise QvlmError(f"{source}: grid, ig_steps and clip_grid must be >= 1, amplify > 0 and holdout in [0, 1)")
     return cfg

@@ -17,11 +17,12 @@ from ...quant.calibrate import BlockContext, SequentialCalibrator
 from ...quant.recipe import QuantRecipe
 from ..awq import AWQ
 from ..base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from ..qvlm.block_search import split_batches
 from ..registry import register_method
-from ..smoothing import find_scale_groups, fold_scales
+from ..smoothing import ScaleGroup, find_scale_groups, fold_scales
 from ..stats import collect_input_stats
 from .config import QIGConfig, qig_config
-from .scale_search import group_token_weights, weighted_scale_search
+from .scale_search import group_token_weights, scale_error, weighted_scale_search
 
 
 def awq_for_clipping(recipe: QuantRecipe, cfg: QIGConfig) -> AWQ:
@@ -57,14 +58,33 @@ class QIGMethod:
             stats = collect_input_stats(ctx, group.consumers)
             absmean = stats[group.consumers[0]].channel_absmean
             weights = group_token_weights(ctx, group, stats, cfg) if self.uses_token_weights() else None
+            choose = cfg.awq_candidate and weights is not None
+            train, held = split_batches(len(ctx.q_inputs), cfg.holdout) if choose else (None, [])
             ratio, s, losses = weighted_scale_search(ctx, group, absmean, self.recipe, cfg.grid, weights, cfg.loss,
-                                                     padded=cfg.code_faithful)
+                                                     padded=cfg.code_faithful, batches=train if held else None)
             self.searches += 1
+            entry = {"ratio": ratio, "weighted": weights is not None, "loss": min(losses),
+                     "max_token_weight": None if weights is None else max(float(w.max()) for w in weights)}
+            if held:
+                ratio, s, entry["candidate"] = self.choose_candidate(ctx, group, absmean, weights, ratio, s, train, held)
             fold_scales(ctx.root, group, s)
-            record[group.producer] = {"ratio": ratio, "weighted": weights is not None, "loss": min(losses),
-                                      "max_token_weight": None if weights is None else
-                                      max(float(w.max()) for w in weights)}
+            entry["ratio"] = ratio
+            record[group.producer] = entry
         record_rewritten_parameters(ctx, before)
         ctx.extras["qig_groups"] = record
         keep = cfg.clip_tokens if cfg.clip else 0
         quantize_sequentially(ctx, self.awq.rule, keep_tokens=keep)
+
+    def choose_candidate(self, ctx: BlockContext, group: ScaleGroup, absmean, weights, ratio: float, s,
+                         train: list[int], held: list[int]):
+        """QIG's scales (searched on ``train``) or AWQ's (uniform MSE on ``train``), whichever has the smaller
+        ``select_by`` loss on the held-out batches (ties: QIG's). Returns ``(r, s, record)``."""
+        cfg = self.config
+        r_awq, s_awq, _ = weighted_scale_search(ctx, group, absmean, self.recipe, cfg.grid, None, "mse",
+                                                padded=cfg.code_faithful, batches=train)
+        sel_w, sel_loss = (weights, cfg.loss) if cfg.select_by == "qig" else (None, "mse")
+        errs = [scale_error(ctx, group, cand, self.recipe, sel_w, sel_loss, cfg.code_faithful, held)
+                for cand in (s, s_awq)]
+        chose_awq = errs[1] < errs[0]
+        record = {"qig_ratio": ratio, "awq_ratio": r_awq, "held_errors": errs, "chosen": "awq" if chose_awq else "qig"}
+        return (r_awq, s_awq, record) if chose_awq else (ratio, s, record)

@@ -152,24 +152,49 @@ def weighted_error(outs: list[torch.Tensor], targets: list[torch.Tensor], weight
     return num / max(den, 1e-30)
 
 
-def weighted_scale_search(ctx: BlockContext, group: ScaleGroup, absmean: torch.Tensor, recipe: QuantRecipe,
-                          grid: int, weights: list[torch.Tensor] | None, loss: str = "mae",
-                          padded: bool = False) -> tuple[float, torch.Tensor, list[float]]:
-    """AWQ's exponent grid search with a per-token weighted loss; returns ``(r, s(r), losses)``.
-
-    With ``weights=None`` and ``loss="mse"`` this is exactly :meth:`..awq.AWQ.search_scale`.
-    ``padded`` scores padded tokens too (QIG's release).
-    """
+def _scorer(ctx: BlockContext, group: ScaleGroup, weights: list[torch.Tensor] | None, loss: str, padded: bool,
+            batches: list[int] | None):
+    """The group's consumers and ``error()``: the scored module's weighted output error on ``batches`` (all: None)."""
     name = scored_module_name(group)
     module, unit = ctx.root.get_submodule(name), unit_of(ctx, name)
     calls = capture_calls(ctx, name)
+    keep = range(len(calls)) if batches is None else batches
     with torch.no_grad():
-        targets = [_first(module(*a, **k)) for a, k in calls]
-    masks = [None if padded else _row_mask(ctx, unit, b, t.shape) for b, t in enumerate(targets)]
-    tw = weights if weights is not None else [None] * len(targets)
-    linears = [ctx.root.get_submodule(c) for c in group.consumers]
+        targets = {b: _first(module(*calls[b][0], **calls[b][1])) for b in keep}
+    masks = {b: None if padded else _row_mask(ctx, unit, b, t.shape) for b, t in targets.items()}
+    tw = {b: None if weights is None else weights[b] for b in keep}
 
     def error() -> float:
-        return weighted_error([_first(module(*a, **k)) for a, k in calls], targets, tw, masks, loss)
+        outs = [_first(module(*calls[b][0], **calls[b][1])) for b in keep]
+        return weighted_error(outs, [targets[b] for b in keep], [tw[b] for b in keep], [masks[b] for b in keep], loss)
 
+    return [ctx.root.get_submodule(c) for c in group.consumers], error
+
+
+def weighted_scale_search(ctx: BlockContext, group: ScaleGroup, absmean: torch.Tensor, recipe: QuantRecipe,
+                          grid: int, weights: list[torch.Tensor] | None, loss: str = "mae",
+                          padded: bool = False, batches: list[int] | None = None) -> tuple[float, torch.Tensor, list[float]]:
+    """AWQ's exponent grid search with a per-token weighted loss; returns ``(r, s(r), losses)``.
+
+    With ``weights=None`` and ``loss="mse"`` this is exactly :meth:`..awq.AWQ.search_scale`.
+    ``padded`` scores padded tokens too (QIG's release); ``batches`` restricts the loss to those
+    calibration batches (default: all).
+    """
+    linears, error = _scorer(ctx, group, weights, loss, padded, batches)
     return search_exponent(linears, absmean, recipe.weights, grid, error)
+
+
+def scale_error(ctx: BlockContext, group: ScaleGroup, s: torch.Tensor, recipe: QuantRecipe,
+                weights: list[torch.Tensor] | None, loss: str, padded: bool, batches: list[int] | None) -> float:
+    """The weighted output error of the group's consumers pseudo-quantized with scales ``s`` (weights left as found)."""
+    linears, error = _scorer(ctx, group, weights, loss, padded, batches)
+    spec, originals = recipe.weights, [lin.weight.detach().clone() for lin in linears]
+    try:
+        with torch.no_grad():
+            for lin, w0 in zip(linears, originals):
+                lin.weight.copy_(pseudo_quantize(w0 * s, spec.bits, spec.granularity, spec.group_size) / s)
+            return error()
+    finally:
+        with torch.no_grad():
+            for lin, w0 in zip(linears, originals):
+                lin.weight.copy_(w0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...quant import layernorm_irm as ln_irm
 from ...quant.calibrate import BlockContext
 from ..qvlm.block_search import SearchHooks
 from .dgd import dgd_loss
@@ -31,6 +32,17 @@ class AttentionIRM:
     beta: torch.Tensor
     teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     hidden: torch.Tensor | None = None
+    norms: tuple[ln_irm.HeadNorm, ln_irm.HeadNorm] | None = None  # the release's LayerNorm form (simulated)
+
+    def rectify(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.norms is not None:
+            return self.norms[0](q), self.norms[1](k)
+        return irm_apply(q, k, self.log_g, self.beta)
+
+    def params(self) -> list[torch.Tensor]:
+        if self.norms is not None:
+            return [p for n in self.norms for p in n.parameters()]
+        return [self.log_g, self.beta]
 
 
 def _hidden(args, kwargs) -> torch.Tensor:
@@ -62,10 +74,34 @@ def _teacher(ctx: BlockContext, unit: int) -> list[tuple[torch.Tensor, torch.Ten
         handle.remove()
 
 
+def _layernorms(ctx: BlockContext, unit: int, attn: nn.Module) -> tuple[ln_irm.HeadNorm, ln_irm.HeadNorm]:
+    """The release's q/k LayerNorms, fitted to the identity on the block's quantized-stream q/k (first batch)."""
+    seen: list[torch.Tensor] = []
+    handle = attn.register_forward_pre_hook(lambda _m, a, k: seen.append(_hidden(a, k)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ctx.forward(ctx.q_inputs[0], 0, upto=unit + 1)
+    finally:
+        handle.remove()
+    heads, dim = int(attn.num_heads), attn.q_proj.out_features
+    norms = []
+    for proj in (attn.q_proj, attn.k_proj):
+        norm = ln_irm.HeadNorm(heads, dim // heads).to(proj.weight.device)
+        with torch.no_grad():
+            ln_irm.fit_to_identity(norm, proj(seen[0]))
+        norms.append(norm)
+    return norms[0], norms[1]
+
+
 def vision_hooks(ctx: BlockContext, lambda_dgd: float, irm: bool, lr_irm: float,
-                 token_weights: list[torch.Tensor] | None = None) -> tuple[SearchHooks, list[AttentionIRM], list]:
-    """The hooks for the block's vision units, their IRM records, and the forward-hook handles to remove."""
+                 token_weights: list[torch.Tensor] | None = None,
+                 form: str = "fold") -> tuple[SearchHooks, list[AttentionIRM], list]:
+    """The hooks for the block's vision units, their IRM records, and the forward-hook handles to remove.
+
+    ``form="layernorm"`` (with ``irm``): the release's LayerNorm IRM, installed on the attention now
+    (it stays after the search: read it back with :func:`layernorm_extras`); else ours, folded later."""
     records, handles = [], []
+    layernorm = irm and form == "layernorm"
     for i, attn in find_attentions(ctx):
         name = f"{ctx.units[i].name}.self_attn"
         dim = attn.q_proj.out_features
@@ -73,6 +109,9 @@ def vision_hooks(ctx: BlockContext, lambda_dgd: float, irm: bool, lr_irm: float,
         rec = AttentionIRM(f"{name}.q_proj", f"{name}.k_proj", int(attn.num_heads),
                            torch.zeros(dim, device=dev, requires_grad=irm),
                            torch.zeros(dim, device=dev, requires_grad=irm), _teacher(ctx, i) if lambda_dgd > 0 else [])
+        if layernorm:
+            rec.norms = _layernorms(ctx, i, attn)
+            ln_irm.install(attn, *rec.norms)  # part of the model from now on
 
         def capture(_m, a, k, rec=rec):
             rec.hidden = _hidden(a, k)
@@ -83,12 +122,12 @@ def vision_hooks(ctx: BlockContext, lambda_dgd: float, irm: bool, lr_irm: float,
         total = 0.0
         for rec in records:
             q, k = search[rec.q_name](rec.hidden), search[rec.k_name](rec.hidden)
-            q, k = irm_apply(q, k, rec.log_g, rec.beta)
+            q, k = rec.rectify(q, k)
             tq, tk = rec.teacher[b]
             total = total + dgd_loss(q, k, tq, tk, rec.heads)
         return lambda_dgd * total
 
-    groups = [{"params": [r.log_g, r.beta], "lr": lr_irm} for r in records] if irm else []
+    groups = [{"params": r.params(), "lr": lr_irm} for r in records] if irm else []
     hooks = SearchHooks(token_weights=token_weights, extra_loss=extra_loss if lambda_dgd > 0 and records else None,
                         param_groups=groups)
     return hooks, records, handles
@@ -111,3 +150,9 @@ def fold_irms(ctx: BlockContext, records: list[AttentionIRM]) -> dict[str, dict[
         out[rec.q_name.rsplit(".", 2)[0]] = {"g_min": float(g.min()), "g_max": float(g.max()),
                                              "beta_absmax": float(rec.beta.detach().abs().max())}
     return out
+
+
+def layernorm_extras(records: list[AttentionIRM]) -> dict[str, dict]:
+    """The learned LayerNorm IRMs as the quant state's ``extras["qvit_layernorm_irm"]`` entries."""
+    return {r.q_name.rsplit(".", 1)[0]: {"q": r.norms[0].to_json(), "k": r.norms[1].to_json()}
+            for r in records if r.norms is not None}

@@ -9,6 +9,8 @@ from typing import Any
 from ...config_types import known_options
 from ...errors import QvlmError
 
+IRM_FORMS = ("fold", "layernorm")
+
 
 @dataclass(frozen=True)
 class QViTConfig:
@@ -19,7 +21,10 @@ class QViTConfig:
             used vision tower, so the block objective is the vision output itself; 1: layer-wise).
         lambda_dgd: weight of the DGD term in the vision blocks' objective (0: off).
         irm: learn the function-preserving IRM (folded into q/k at the end).
-        lr_irm: Adam learning rate of the IRM's ``log g`` and ``beta``.
+        lr_irm: Adam learning rate of the IRM's ``log g`` and ``beta`` (or the LayerNorm's weight and bias).
+        irm_form: ``fold`` (ours: function-preserving, folded into q/k, deployable) or ``layernorm``
+            (Q-ViT's release: an affine LayerNorm on each head's q and k, shared across heads; it
+            adds nodes the exported graph does not carry, so the state is simulated only).
         iterations: Adam steps per unit of a block: a vision block of ``n`` layers gets ``n * iterations``
             (the same steps per layer as a layer-wise search), every other block ``iterations``.
         lr_round, lr_step: as Q-VLM's (AdaRound logits; LSQ log activation steps).
@@ -33,6 +38,7 @@ class QViTConfig:
     lambda_dgd: float = 0.1
     irm: bool = True
     lr_irm: float = 0.01
+    irm_form: str = "fold"
     iterations: int = 160
     lr_round: float = 0.02
     lr_step: float = 0.005
@@ -50,4 +56,6 @@ def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig
     cfg = QViTConfig(**known_options(QViTConfig, dict(args), source, "Q-ViT option"))
     if cfg.lambda_dgd < 0 or cfg.iterations < 0 or cfg.lr_irm <= 0 or cfg.vision_block_units < 0:
         raise QvlmError(f"{source}: lambda_dgd, iterations and vision_block_units must be >= 0 and lr_irm > 0")
+    if cfg.irm_form not in IRM_FORMS:
+        raise QvlmError(f"{source}: irm_form must be one of {list(IRM_FORMS)}, got {cfg.irm_form!r}")
     return cfg

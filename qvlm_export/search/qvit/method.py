@@ -16,12 +16,13 @@ import dataclasses
 import zlib
 
 from ...quant.calibrate import BlockContext, SequentialCalibrator
+from ...quant.layernorm_irm import EXTRAS_KEY
 from ...quant.recipe import QuantRecipe
 from ..qvlm.block_search import search_block
 from ..qvlm.config import QVLMConfig, config_from_args
 from ..qvlm.probes import uses_mask
 from ..registry import register_method
-from .block import fold_irms, vision_hooks
+from .block import fold_irms, layernorm_extras, vision_hooks
 from .config import QViTConfig, qvit_config
 
 
@@ -65,13 +66,15 @@ class QViTMethod:
             return
         cfg, names = self.config, [u.name for u in ctx.units]
         masks = [m.to(ctx.q_inputs[0].device) if uses_mask(ctx.units[0]) else None for m in self.masks]
-        hooks, records, handles = vision_hooks(ctx, cfg.lambda_dgd, cfg.irm, cfg.lr_irm)
+        hooks, records, handles = vision_hooks(ctx, cfg.lambda_dgd, cfg.irm, cfg.lr_irm, form=cfg.irm_form)
         try:
             search = dataclasses.replace(search_config(cfg), iterations=cfg.iterations * len(ctx.units))
             stats = search_block(ctx, search, masks, block_seed(self.seed, names), hooks=hooks)
         finally:
             for h in handles:
                 h.remove()
-        if cfg.irm and records:
+        if cfg.irm and records and cfg.irm_form == "layernorm":
+            ctx.extras[EXTRAS_KEY] = layernorm_extras(records)  # simulated only: the graph cannot carry it
+        elif cfg.irm and records:
             stats["irm"] = fold_irms(ctx, records)
         ctx.extras["qvit_blocks"] = {names[0]: stats}
