@@ -25,6 +25,9 @@ BUNDLE_KIND = "onnx-bundle"
 def check_exportable(state) -> None:
     """Refuse states no integer kernel can run, with the reason."""
     recipe = state.recipe
+    if recipe.simulated_by is not None:
+        raise QvlmError(f"this {recipe.method} state is simulated only: {recipe.simulated_by} "
+                        "(or evaluate it with 'eval --quant')")
     if not recipe.deployable:
         raise QvlmError(f"setting {recipe.setting} is simulated only ({recipe.runs_on}): ONNX and TensorRT have no "
                         f"{recipe.weights.bits}-bit weight x {recipe.activations.bits}-bit activation kernels; "
