@@ -30,7 +30,6 @@ from qvlm_export.runtime.generate import RunnerAnswerer  # noqa: E402
 from qvlm_export.runtime.ort_runner import ort_runner  # noqa: E402
 
 FAMILIES = ("llava_next", "llava_onevision")
-SETTINGS = ("fp", "w8a8", "w4a16")
 
 
 @functools.cache
@@ -48,8 +47,13 @@ def samples() -> list[_Sample]:
     return [_Sample(img, "what color is the shape") for img in images()]
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("family", FAMILIES)
+# Each family and each setting at least once, within CI's time (every pair measured in docs/families.md);
+# the OneVision run test below exports and validates OneVision's FP and W8A8 bundles again.
+PAIRS = [("llava_next", "fp"), ("llava_next", "w4a16"), ("llava_onevision", "w8a8")]
+BUNDLE_SETTING = dict(PAIRS[1:])
+
+
+@pytest.mark.parametrize(("family", "setting"), PAIRS)
 def test_ort_logits_and_answers_equal_pytorch(family, setting):
     bundle = H.bundle(setting, "fp32", model(family))
     vlm = H.reference_model(setting, model(family))
@@ -79,7 +83,7 @@ def test_ort_logits_and_answers_equal_pytorch(family, setting):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bundle_records_the_layout_and_passes_check_trt(family):
-    bundle = H.bundle("w8a8", "fp32", model(family))
+    bundle = H.bundle(BUNDLE_SETTING[family], "fp32", model(family))
     info = read_bundle(bundle)
     assert info.model.family == family and info.model.image_seq_length == 16
     layout = info.model.image_layout
@@ -104,7 +108,10 @@ def test_image_sizes_cover_several_aspect_ratios():
 FAST_ARGS = {"qvlm": {"iterations": 4, "progress": False}, "qvit": {"iterations": 4, "progress": False},
              "qvlm_plus": {"iterations": 4, "ig_steps": 4, "progress": False},
              "qig": {"ig_steps": 4, "grid": 5, "clip_grid": 5}}
-METHODS = ("rtn", "smoothquant", "awq", "gptq", "qvlm", "qig", "qvit", "qvlm_plus")
+# rtn, smoothquant, awq and gptq share the calibrator walk rtn exercises; these four each add their own
+# whole-model forwards (Q-VLM's probes and Jacobians, QIG's gradients, Q-ViT's q/k hooks). All eight
+# passed on the loaded dev machine (docs/families.md).
+METHODS = ("rtn", "qvlm", "qig", "qvit")
 
 
 @pytest.mark.parametrize("method", METHODS)

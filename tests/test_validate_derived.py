@@ -34,7 +34,10 @@ def _cli_validate(fp, candidate, out, *extra):
 
 def test_no_thresholds_file_needed_for_another_model(siglip_qwen2, capsys):
     out = siglip_qwen2["root"] / "report-good"
-    code = _cli_validate(siglip_qwen2["fp"], siglip_qwen2["good"], out)
+    # Faithful sessions only: ORT's fast int8 kernel saturates (int16) on AVX2 CPUs without VNNI, and
+    # on an AMD EPYC (AVX2 only) it gave this random SigLIP tower 13.8 dB against a 22.2 dB bound. That
+    # is the kernel's verdict on that CPU, not the derived bounds' (docs/families.md, docs/validate.md).
+    code = _cli_validate(siglip_qwen2["fp"], siglip_qwen2["good"], out, "--runners", "faithful")
     report = json.loads((out / "report.json").read_text())
     assert code == 0, report["failures"]
     assert report["thresholds"]["source"] == "derived from round-to-nearest on this model"
