@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,21 +12,10 @@ from qvlm_export.errors import QvlmError
 from qvlm_export.quant import layernorm_irm as ln_irm
 from qvlm_export.quant.recipe import recipe_from_dict
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_qvit import _attention  # noqa: E402
+
 GEN = torch.Generator().manual_seed(3)
-
-
-def _attention():
-    from transformers import CLIPVisionConfig
-    from transformers.models.clip.modeling_clip import CLIPAttention
-
-    torch.manual_seed(3)
-    cfg = CLIPVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64)
-    cfg._attn_implementation = "eager"
-    attn = CLIPAttention(cfg).eval()
-    with torch.no_grad():
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
-            lin.bias.normal_(0, 0.1)
-    return attn
 
 
 def _norm(weight, bias, heads=4, eps=1e-5):
@@ -48,7 +40,7 @@ def _by_formula(attn, x, q, k, gq, bq, gk, bk, eps=1e-5):
 
 
 def test_layernorm_irm_fp_output_is_the_formula_and_changes_the_function():
-    attn = _attention()
+    attn = _attention(seed=3)
     x = torch.randn(2, 10, 32, generator=GEN)
     gq, bq, gk, bk = (torch.randn(8, generator=GEN) for _ in range(4))
     with torch.no_grad():

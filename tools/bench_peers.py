@@ -90,6 +90,7 @@ def decode_speed(bundle: Path, samples, steps: int = 16, repeats: int = 3) -> fl
     """Decoder tokens/s of a batch of 8 in ``fast`` sessions (median of ``repeats``), after one warm-up."""
     from qvlm_export.runtime.factory import answerer_for_bundle
     from qvlm_export.runtime.generate import position_ids, prompt_embeds
+    from qvlm_export.runtime.images import image_inputs
 
     answerer, _ = answerer_for_bundle(bundle, mode="fast")
     runner = answerer.runner
@@ -97,7 +98,7 @@ def decode_speed(bundle: Path, samples, steps: int = 16, repeats: int = 3) -> fl
     runner.activate()
     try:
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        embeds = prompt_embeds(runner, ids, {k: v for k, v in feeds.items() if k not in ("input_ids", "attention_mask")})
+        embeds = prompt_embeds(runner, ids, image_inputs(runner.info, feeds))
         times = []
         for _ in range(repeats + 1):
             logits, past = runner.decode(embeds, mask, position_ids(mask), runner.info.empty_past(len(ids)))
