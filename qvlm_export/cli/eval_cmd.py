@@ -22,9 +22,12 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="write {overall, by_type, n} here")] = None,
+    text: Annotated[bool, typer.Option(help="also the language model's perplexity on English text (real-LM models)")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Greedy exact-match accuracy, per question type and overall."""
+    import dataclasses
+
     apply_verify(no_verify)
     from rich.console import Console
     from rich.table import Table
@@ -43,6 +46,12 @@ def eval_command(
     for qtype, acc in result.by_type.items():
         table.add_row(qtype, f"{acc:.4f}")
     table.add_row("overall", f"{result.overall:.4f}", style="bold")
+    if text:
+        from ..evaluate.text import answerer_text_scores
+
+        scores = answerer_text_scores(answerer)
+        table.add_row(f"perplexity ({scores.tokens} tokens of English)", f"{scores.perplexity:.4f}")
+        result = dataclasses.replace(result, text={"perplexity": scores.perplexity, "tokens": scores.tokens})
     Console().print(table)
     if json_out:
         result.write_json(json_out)

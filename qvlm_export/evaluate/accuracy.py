@@ -28,6 +28,7 @@ class EvalResult:
     n: int
     predictions: list[str] = field(default_factory=list, repr=False)
     correct: list[bool] = field(default_factory=list, repr=False)  # per question, in order: for paired tests
+    text: dict | None = None  # {"perplexity", "tokens"} when ``eval --text`` scored English text
 
     def interval(self) -> tuple[float, float]:
         """Wilson 95% interval of ``overall``."""
@@ -36,7 +37,8 @@ class EvalResult:
         return wilson_interval(round(self.overall * self.n), self.n)
 
     def to_json(self) -> dict:
-        return {"overall": self.overall, "by_type": self.by_type, "n": self.n}
+        out = {"overall": self.overall, "by_type": self.by_type, "n": self.n}
+        return {**out, "text": self.text} if self.text is not None else out
 
     def write_json(self, path: str | Path) -> None:
         from ..manifest import atomic_write_text

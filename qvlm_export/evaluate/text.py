@@ -186,3 +186,14 @@ def runner_logits_fn(runner) -> LogitsFn:
         return logits
 
     return run
+
+
+def answerer_text_scores(answerer, spec: TextSpec = TextSpec()) -> TextScores:
+    """Score the text with whatever an ``eval`` answerer runs: a PyTorch model or a bundle's graphs."""
+    if hasattr(answerer, "vlm"):  # TorchAnswerer: FP or simulated-quantized PyTorch
+        return score_text(torch_logits_fn(answerer.vlm.model), text_windows(answerer.vlm.tokenizer, spec))
+    windows = text_windows(answerer.processor.tokenizer, spec)
+    if not answerer._active:
+        answerer.runner.activate()
+        answerer._active = True
+    return score_text(runner_logits_fn(answerer.runner), windows)

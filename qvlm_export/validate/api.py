@@ -26,6 +26,7 @@ from .reference import Reference, prepare_reference
 from .report import REPORT_KIND, CandidateResult, ValidationReport, write_report_files
 from .static_checks import metadata_matches, weights_match_state
 from .task import task_parity
+from .text_parity import TextReference, runner_scores, text_parity, text_reference
 from .thresholds import ThresholdConfig, load_thresholds
 
 POLYGRAPHY_DIR = "polygraphy"
@@ -99,6 +100,21 @@ def _task(reference: Reference, info: BundleInfo, spec: CandidateSpec, config: V
     return results, errors
 
 
+def _text(text_ref: TextReference, info: BundleInfo, spec: CandidateSpec, config: ValidateConfig,
+          thresholds: ThresholdConfig):
+    """Perplexity ratio and next-token agreement of each candidate runner against the reference's scores."""
+    from ..runtime.ort_runner import ort_runner
+
+    makers = [(mode, lambda mode=mode: ort_runner(info, mode, config.threads, config.int4_accuracy_level))
+              for mode in config.runners]
+    if spec.engines is not None:
+        from ..build.trt_runner import tensorrt_runner
+
+        makers.append(("tensorrt", lambda: tensorrt_runner(Path(spec.engines))))
+    return [text_parity(name, text_ref, runner_scores(make(), text_ref.windows), info.setting, thresholds)
+            for name, make in makers]
+
+
 def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | None:
     if spec.quant is None:
         return None
@@ -115,7 +131,8 @@ def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | Non
 
 
 def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleInfo, config: ValidateConfig,
-                       thresholds: ThresholdConfig, samples, ref_eval, log, progress: bool) -> CandidateResult:
+                       thresholds: ThresholdConfig, samples, ref_eval, log, progress: bool,
+                       text_ref: TextReference | None = None) -> CandidateResult:
     if info.float_dtype != reference.info.float_dtype:
         raise QvlmError(f"candidate {str(spec.bundle)!r} is {info.dtype} but the reference is {reference.info.dtype}; "
                         "validate the fp32 bundle on ONNX Runtime (fp16 bundles are for TensorRT: pass --engines)")
@@ -136,6 +153,11 @@ def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleIn
         result.task, errors = _task(reference, info, spec, config, samples, ref_eval, thresholds, progress)
         if errors:
             result.export_checks["runtime"] = errors
+    if text_ref is not None and text_ref.scores is not None:
+        log(f"{name}: perplexity and next-token agreement on {text_ref.scores.tokens} tokens of English text")
+        result.text = _text(text_ref, info, spec, config, thresholds)
+    elif text_ref is not None:
+        result.text_skipped = text_ref.skipped
     log(f"{name}: per-layer data")
     result.layers = _layers(spec, config)
     return result
@@ -160,6 +182,24 @@ def _export_checks(reference: Reference, spec: CandidateSpec, info: BundleInfo, 
     fp_outputs = {g: reference.outputs(g) for g in GRAPHS}
     return compare_fidelity(info, SimulatedGraphs(source), reference.feeds, fp_outputs,
                             config.threads)
+
+
+def _text_reference(reference: Reference, config: ValidateConfig, log) -> TextReference:
+    from ..evaluate.text import TextSpec
+    from ..runtime.ort_runner import ort_runner
+
+    if not config.text:
+        return TextReference(skipped="turned off (validate text: false)")
+    ref = text_reference(reference.info, TextSpec(config.text_tokens, config.text_window),
+                         lambda: ort_runner(reference.info, "faithful", config.threads))
+    log(f"text metrics: {'skipped: ' + ref.skipped if ref.skipped else f'reference perplexity {ref.scores.perplexity:.3f}'}")
+    return ref
+
+
+def _text_summary(ref: TextReference) -> dict[str, Any]:
+    if ref.scores is None:
+        return {"skipped": ref.skipped}
+    return {"perplexity": ref.scores.perplexity, "tokens": ref.scores.tokens}
 
 
 def _reference_eval(reference: Reference, config: ValidateConfig, progress: bool):
@@ -215,17 +255,19 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
         if derive:
             thresholds = derive_thresholds(model_path, [i.setting for i in infos], reference, config, samples,
                                            ref_eval, Path(scratch), thresholds, log)
+        text_ref = _text_reference(reference, config, log)
         timings["reference"] = time.perf_counter() - start
         results = []
         for spec, info in zip(candidates, infos):
             start = time.perf_counter()
             results.append(validate_candidate(reference, spec, info, config, thresholds, samples, ref_eval, log,
-                                              progress))
+                                              progress, text_ref))
             timings[results[-1].name] = time.perf_counter() - start
         report = ValidationReport(
             reference={"path": reference.path, "kind": reference.kind, "setting": "fp", "dtype": reference.info.dtype,
                        "bundle_bytes": reference.info.graph_bytes(),
-                       "eval": ref_eval.to_json() if ref_eval is not None else None},
+                       "eval": ref_eval.to_json() if ref_eval is not None else None,
+                       "text": _text_summary(text_ref)},
             candidates=results, thresholds=thresholds, config=config.to_dict(), timings_s=timings)
         write_report_files(report, tmp)
         inputs = {"reference": digest(hash_tree(Path(reference.info.path)))}

@@ -31,6 +31,9 @@ class ValidateConfig:
         threads: ONNX Runtime intra-op threads (None: ORT's default).
         int4_accuracy_level: how ``fast`` computes int4 MatMulNBits (1 fp32 ... 4 int8 activations;
             None: ORT's default, 4). The thresholds' ``fast``/``drift`` bounds were measured at 4.
+        text: perplexity ratio and next-token agreement on English text (models with a natural-language
+            tokenizer; others are skipped with the reason).
+        text_tokens: tokens of text scored, in windows of ``text_window``.
     """
 
     calib: str = "builtin:calib"
@@ -45,12 +48,18 @@ class ValidateConfig:
     thresholds: str | None = None
     threads: int | None = None
     int4_accuracy_level: int | None = None
+    text: bool = True
+    text_tokens: int = 3072
+    text_window: int = 512
     version: int = VALIDATE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
         for name in ("calib_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise QvlmError(f"validate: {name} must be at least 1, got {getattr(self, name)}")
+        if self.text_window < 2 or self.text_tokens < self.text_window:
+            raise QvlmError(f"validate: text_window must be at least 2 and text_tokens at least text_window, got "
+                            f"{self.text_tokens} and {self.text_window}")
         if self.decode_steps < 0:
             raise QvlmError(f"validate: decode_steps must be 0 or more, got {self.decode_steps}")
         if self.eval_samples is not None and self.eval_samples < 1:

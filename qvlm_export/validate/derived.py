@@ -135,4 +135,5 @@ def derive_thresholds(model: Path, settings: list[str], reference, config, sampl
         precisions[setting] = {"faithful": Bounds(outputs=faithful), "fast": Bounds(outputs=fast)}
         if samples is not None and ref_eval is not None:
             task[setting] = _task_bounds(simulated, samples, ref_eval, config.batch_size)
-    return ThresholdConfig(precisions=precisions, task=task, source="derived from round-to-nearest on this model")
+    return ThresholdConfig(precisions=precisions, task=task, source="derived from round-to-nearest on this model",
+                           absolute=fp_section.absolute)

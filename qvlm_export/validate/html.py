@@ -122,6 +122,23 @@ def _task_section(candidate: dict) -> str:
     ])
 
 
+def _text_section(candidate: dict) -> str:
+    if not candidate.get("text"):
+        skipped = candidate.get("text_skipped")
+        return f'<h3>Text parity</h3><p class="muted">skipped: {escape(skipped)}</p>' if skipped else ""
+    rows = [[escape(t["runner"]), _num(t["reference_perplexity"]), _num(t["candidate_perplexity"]),
+             f'{_num(t["perplexity_ratio"])} [{_num(t["perplexity_ratio_ci95"][0])}, {_num(t["perplexity_ratio_ci95"][1])}]',
+             f'{_num(t["next_token_agreement"])} [{_num(t["agreement_ci95"][0])}, {_num(t["agreement_ci95"][1])}]']
+            for t in candidate["text"]]
+    checks = [[escape(t["runner"]), escape(c["stat"]), _num(c["value"]), f'{escape(c["op"])} {_num(c["bound"])}',
+               _verdict(c["passed"])] for t in candidate["text"] for c in t["checks"]]
+    return "".join([
+        f'<h3>Text parity ({candidate["text"][0]["tokens"]} tokens of English, language model alone)</h3>',
+        _table(["runner", "FP perplexity", "perplexity", "ratio [95% CI]", "next-token agreement [95% CI]"], rows),
+        _table(["runner", "statistic", "measured", "threshold", "verdict"], checks),
+    ])
+
+
 def _layers_section(candidate: dict) -> str:
     layers = candidate.get("layers") or {}
     parts = ["<h3>Per-layer quantization</h3>"]
@@ -176,7 +193,8 @@ def _candidate(c: dict) -> str:
         '<span class="muted">details</span></summary>',
         f'<p>{setting}; method <code>{escape(str(c.get("method")))}</code>; bundle <code>{escape(c["bundle"])}</code></p>',
         f"<ul>{skipped}</ul>" if skipped else "",
-        _verdicts_section(c), _parity_section(c), _task_section(c), _layers_section(c), "</details>",
+        _verdicts_section(c), _parity_section(c), _task_section(c), _text_section(c), _layers_section(c),
+        "</details>",
     ])
 
 

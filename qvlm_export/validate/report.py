@@ -15,6 +15,7 @@ from typing import Any
 
 from .parity import GraphParity
 from .task import TaskParity
+from .text_parity import TextParity
 from .thresholds import ThresholdConfig
 
 REPORT_KIND = "validation-report"
@@ -43,6 +44,8 @@ class CandidateResult:
     # simulated-model comparison ran, else why it could not.
     export_checks: dict[str, Any] = field(default_factory=dict)
     bundle_bytes: int | None = None  # the graphs on disk (summary: bytes against the FP bundle)
+    text: list[TextParity] = field(default_factory=list)  # perplexity / next-token agreement per runner
+    text_skipped: str | None = None  # why text metrics did not run (e.g. a toy tokenizer)
 
     @property
     def export_problems(self) -> list[str]:
@@ -51,12 +54,12 @@ class CandidateResult:
     @property
     def passed(self) -> bool:
         return (not self.export_problems and all(g.passed for g in self.graphs)
-                and all(t.passed for t in self.task))
+                and all(t.passed for t in self.task) and all(t.passed for t in self.text))
 
     def verdicts(self) -> dict[str, bool]:
         """Pass/fail per question: does the graph compute its quant state, is the quantization good enough."""
         failed = {VERDICT_OF.get(o.comparison, "quality") for g in self.graphs for o in g.outputs if not o.passed}
-        if any(not t.passed for t in self.task):
+        if any(not t.passed for t in [*self.task, *self.text]):
             failed.add("quality")
         if self.export_problems:
             failed.add("export")
@@ -67,6 +70,7 @@ class CandidateResult:
         outputs = sorted((o for g in self.graphs for o in g.outputs), key=lambda o: COMPARISON_ORDER.get(o.comparison, 9))
         lines = list(self.export_problems) + [line for o in outputs for line in o.failures()]
         lines += [line for t in self.task for line in t.failures()]
+        lines += [line for t in self.text for line in t.failures()]
         return [f"{self.name} [{self.setting}]: {line}" for line in lines]
 
     def to_json(self) -> dict[str, Any]:
@@ -74,7 +78,8 @@ class CandidateResult:
                 "runs_on": self.runs_on, "method": self.method, "passed": self.passed, "skipped": self.skipped,
                 "verdicts": self.verdicts(), "export_checks": self.export_checks,
                 "graphs": [g.to_json() for g in self.graphs], "task": [t.to_json() for t in self.task],
-                "layers": self.layers, "bundle_bytes": self.bundle_bytes}
+                "layers": self.layers, "bundle_bytes": self.bundle_bytes,
+                "text": [t.to_json() for t in self.text], "text_skipped": self.text_skipped}
 
 
 @dataclass

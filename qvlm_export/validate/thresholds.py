@@ -14,6 +14,10 @@ replaces it. Layout::
         tensorrt: {...}             # TensorRT engines (absent: faithful's bounds)
         drift: {...}                # fast against faithful: the kernels' own error (absent: reported only)
         task: {max_accuracy_drop: 0.05, min_identical_answers: 0.8}
+    absolute:                       # bounds against FP that hold whatever RTN does (derived bounds keep them)
+      default: {max_perplexity_ratio: 1.25, min_next_token_agreement: 0.75, min_identical_answers: 0.8,
+                min_cosine: 0.9}
+      w8a8: {max_perplexity_ratio: 1.1}   # per-setting overrides, merged over default
 
 Statistics ending in ``_abs`` and ``nonfinite`` are upper bounds; ``cosine`` and
 ``sqnr_db`` are lower bounds (see :mod:`qvlm_export.validate.stats`).
@@ -35,8 +39,12 @@ from .stats import LOWER_BOUNDED, STAT_NAMES, ErrorStats
 THRESHOLDS_VERSION = 1
 RUNNERS = ("faithful", "fast", "tensorrt", "drift")
 TASK_KEYS = ("max_accuracy_drop", "min_identical_answers")
+# Absolute bounds against FP: a candidate far from FP fails even where RTN is as far (derived bounds).
+ABSOLUTE_KEYS = ("max_perplexity_ratio", "min_next_token_agreement", "min_identical_answers", "min_cosine")
+# Runners whose outputs are compared with FP (drift compares fast with faithful).
+AGAINST_FP = ("faithful", "fast", "tensorrt")
 # Task-level statistics that are lower bounds (the rest are upper bounds).
-TASK_LOWER_BOUNDED = ("identical_answers",)
+TASK_LOWER_BOUNDED = ("identical_answers", "next_token_agreement")
 # Runners whose bounds fall back to the faithful section when they have none of their own.
 FALLS_BACK_TO_FAITHFUL = ("fast", "tensorrt")
 
@@ -96,6 +104,7 @@ class ThresholdConfig:
     precisions: dict[str, dict[str, Bounds]]
     task: dict[str, dict[str, float]]
     source: str = "builtin"
+    absolute: dict[str, dict[str, float]] = field(default_factory=dict)  # "default" and per-precision overrides
 
     def bounds(self, precision: str, runner: str, graph: str, output: str) -> dict[str, float]:
         """The bounds that apply to one output of one graph; empty when nothing is gated."""
@@ -110,12 +119,22 @@ class ThresholdConfig:
             section = sections.get("faithful")
         return section.for_output(f"{graph}/{output}") if section is not None else {}
 
+    def absolute_bounds(self, precision: str) -> dict[str, float]:
+        return {**self.absolute.get("default", {}), **self.absolute.get(precision, {})}
+
     def check(self, precision: str, runner: str, graph: str, output: str, stats: ErrorStats) -> list[Check]:
         bounds = self.bounds(precision, runner, graph, output)
+        floor = self.absolute_bounds(precision).get("min_cosine")
+        if floor is not None and runner in AGAINST_FP:  # the stricter of the relative and the absolute bound
+            bounds["cosine"] = max(bounds.get("cosine", floor), floor)
         return [Check(stat, float(getattr(stats, stat)), float(bound)) for stat, bound in bounds.items()]
 
     def task_bounds(self, precision: str) -> dict[str, float]:
-        return dict(self.task.get(precision, {}))
+        bounds = dict(self.task.get(precision, {}))
+        floor = self.absolute_bounds(precision).get("min_identical_answers")
+        if floor is not None:
+            bounds["min_identical_answers"] = max(bounds.get("min_identical_answers", floor), floor)
+        return bounds
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,6 +142,7 @@ class ThresholdConfig:
             "precisions": {p: {**{r: {"default": b.default, "outputs": dict(b.outputs)} for r, b in s.items()},
                                **({"task": self.task[p]} if p in self.task else {})}
                            for p, s in self.precisions.items()},
+            "absolute": self.absolute,
         }
 
 
@@ -161,6 +181,23 @@ def _task(raw: Any, where: str) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items()}
 
 
+def _absolute(raw: Any, where: str) -> dict[str, dict[str, float]]:
+    if not isinstance(raw, dict):
+        raise QvlmError(f"{where}: must map 'default' or a setting (w8a8, ...) to bounds {list(ABSOLUTE_KEYS)}")
+    out = {}
+    for key, bounds in raw.items():
+        if not isinstance(bounds, dict):
+            raise QvlmError(f"{where}.{key}: must be a mapping of {list(ABSOLUTE_KEYS)} to numbers")
+        unknown = sorted(set(bounds) - set(ABSOLUTE_KEYS))
+        if unknown:
+            raise QvlmError(f"{where}.{key}: unknown key {unknown[0]!r}; use {list(ABSOLUTE_KEYS)}")
+        bad = [k for k, v in bounds.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+        if bad:
+            raise QvlmError(f"{where}.{key}.{bad[0]}: must be a number, got {bounds[bad[0]]!r}")
+        out[str(key)] = {k: float(v) for k, v in bounds.items()}
+    return out
+
+
 def thresholds_from_dict(raw: Any, source: str = "thresholds") -> ThresholdConfig:
     """Validate a thresholds mapping (see the module docstring)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("precisions"), dict):
@@ -178,7 +215,8 @@ def thresholds_from_dict(raw: Any, source: str = "thresholds") -> ThresholdConfi
         precisions[str(precision)] = {r: _bounds(v, f"{where}.{r}") for r, v in sections.items() if r != "task"}
         if "task" in sections:
             task[str(precision)] = _task(sections["task"], f"{where}.task")
-    return ThresholdConfig(precisions=precisions, task=task, source=source)
+    absolute = _absolute(raw["absolute"], f"{source}: absolute") if "absolute" in raw else {}
+    return ThresholdConfig(precisions=precisions, task=task, source=source, absolute=absolute)
 
 
 def load_thresholds(path: str | Path | None = None) -> ThresholdConfig:
