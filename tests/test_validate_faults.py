@@ -44,7 +44,13 @@ def w8a8_faults(tmp_path_factory):
 def test_correct_w8a8_bundle_matches_its_simulated_model(w8a8_faults):
     correct = _candidates(w8a8_faults)["correct"]
     assert correct["verdicts"] == {"export": True, "quality": True, "kernels": True}
-    assert correct["export_checks"] == {"metadata": [], "weights": [], "fidelity": None}
+    checks = correct["export_checks"]
+    assert {k: checks[k] for k in ("metadata", "weights", "fidelity", "layers")} == {
+        "metadata": [], "weights": [], "fidelity": None, "layers": []}
+    # Layer by layer (each graph layer fed its simulated layer's input): float rounding only.
+    layers = {(x["graph"], x["layer"]) for x in checks["fidelity_layers"]}
+    assert {("vision", "0"), ("decoder", "0"), ("decoder", "3"), ("decoder", "tail")} <= layers
+    assert min(float(x["stats"]["sqnr_db"]) for x in checks["fidelity_layers"]) >= 60
     fidelity = _fidelity(correct)
     assert set(fidelity) >= {"vision/image_features", "embed/inputs_embeds", "decoder/logits", "decoder/present.3.value"}
     # Float rounding plus the odd int8 rounding-boundary flip: above the 40 dB cap, whatever the quantization.
@@ -63,6 +69,13 @@ def test_each_fault_fails_export_and_names_what_broke(w8a8_faults, fault, names)
     assert candidate["passed"] is False and candidate["verdicts"]["export"] is False
     lines = [f for f in w8a8_faults.failures() if f.startswith(f"{fault} [w8a8]")]
     assert any(names in line for line in lines), lines[:4]
+
+
+def test_activation_scale_fault_is_found_in_its_layer(w8a8_faults):
+    checks = _candidates(w8a8_faults)["activation-scale-x2"]["export_checks"]
+    failed = [x for x in checks["fidelity_layers"] if not x["passed"]]
+    assert failed and all(float(x["stats"]["sqnr_db"]) < 30 for x in failed)
+    assert len(checks["layers"]) == len(failed) and "against its simulated layer on the same input" in checks["layers"][0]
 
 
 def test_single_channel_fault_is_below_what_sqnr_could_see(w8a8_faults):

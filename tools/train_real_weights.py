@@ -79,7 +79,12 @@ def lr_at(step: int, total: int, peak: float, warmup: float = 0.05) -> float:
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    model, processor = rw.assemble(parts=None if args.resume else "untrained")
+    parts = "untrained"
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        parts = load_file(args.init_from)
+    model, processor = rw.assemble(parts=parts)
     model.requires_grad_(False)
     trainable = [*model.model.multi_modal_projector.parameters()]
     if args.tower_lr > 0:
@@ -117,6 +122,8 @@ def train(args) -> dict:
         if step % 10 == 0 or step == args.steps - 1:
             print(f"[{step}] answer loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
             log.append({"step": step, "answer_loss": round(loss.item(), 5)})
+        if args.save_every and step % args.save_every == args.save_every - 1:
+            rw.save_parts(model, Path(args.out) / "checkpoint")  # a shared machine may stop a long run
     train_seconds = time.time() - t0
     model.eval()
     out_dir = Path(args.out)
@@ -142,7 +149,8 @@ def main() -> None:
     p.add_argument("--tower-lr", type=float, default=2e-4, help="vision tower peak learning rate (0 freezes it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-n", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="start from the shipped parts instead of the embedded tower")
+    p.add_argument("--init-from", default=None, help="a parts .safetensors to continue from (default: the embedded tower)")
+    p.add_argument("--save-every", type=int, default=10, help="write OUT/checkpoint/ every N steps (0: never)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--type-weights", default="", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)},
                    help="sampling weight per question type, e.g. position=2")

@@ -180,8 +180,20 @@ def _export_checks(reference: Reference, spec: CandidateSpec, info: BundleInfo, 
     checks["fidelity"] = None
     result.export_checks = checks
     fp_outputs = {g: reference.outputs(g) for g in GRAPHS}
-    return compare_fidelity(info, SimulatedGraphs(source), reference.feeds, fp_outputs,
-                            config.threads)
+    simulated = SimulatedGraphs(source)
+    fidelity = compare_fidelity(info, simulated, reference.feeds, fp_outputs, config.threads)
+    if info.quant.get("act_bits") is None:  # weight-only: nothing rounds differently, the whole graph is exact
+        return fidelity
+    from .layer_fidelity import compare_layers, excuse_accumulated_flips
+
+    log(f"{result.name}: export fidelity layer by layer (each graph layer fed its simulated layer's input)")
+    layers = compare_layers(info, simulated, reference.feeds, config.threads)
+    checks["fidelity_layers"] = [layer.to_json() for layer in layers]
+    checks["layers"] = [layer.describe() for layer in layers if not layer.passed]
+    fidelity, note = excuse_accumulated_flips(fidelity, layers)
+    if note:
+        checks["fidelity_note"] = note
+    return fidelity
 
 
 def _text_reference(reference: Reference, config: ValidateConfig, log) -> TextReference:

@@ -49,7 +49,8 @@ class CandidateResult:
 
     @property
     def export_problems(self) -> list[str]:
-        return [f"export: {line}" for key in ("metadata", "weights", "runtime") for line in self.export_checks.get(key, [])]
+        return [f"export: {line}" for key in ("metadata", "weights", "runtime", "layers")
+                for line in self.export_checks.get(key, [])]
 
     @property
     def passed(self) -> bool:
