@@ -7,6 +7,7 @@ Real TensorRT builds are in tests/test_build_trt.py (skipped without tensorrt an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -60,8 +61,8 @@ def tiny_bundle_graphs(dtype=TensorProto.FLOAT16, w_axis=1):
     return {"vision": vision, "embed": embed, "decoder": decoder}
 
 
-def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
-    """A bundle directory as `qvlm-export export` lays it out, with the tiny graphs."""
+def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16, **spec_overrides):
+    """A bundle directory as `qvlm-export export` lays it out, with the tiny graphs (keywords: ModelSpec overrides)."""
     from qvlm_export.runtime.bundle import BundleInfo, GraphIO, ModelSpec, write_bundle_json
 
     (root / "processor").mkdir(parents=True)
@@ -72,6 +73,7 @@ def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
                                tuple(o.name for o in model.graph.output))
     spec = ModelSpec(image_token_id=3, eos_token_id=2, pad_token_id=0, num_layers=1, num_kv_heads=2, head_dim=4,
                      hidden_size=8, vocab_size=16, image_seq_length=6, image_size=4)
+    spec = dataclasses.replace(spec, **spec_overrides)
     write_bundle_json(BundleInfo(root, "fp16" if dtype == TensorProto.FLOAT16 else "fp32", 21, graphs, spec,
                                  {"setting": "w8a8"}), root)
     (root / "processor" / "tokenizer.json").write_text("{}")

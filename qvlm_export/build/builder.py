@@ -70,9 +70,14 @@ Compiler = Callable[[EngineSpec, BuildProfile, "Path | None"], Any]
 
 
 def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
-    """Which engines to build from which files, with the shapes of every optimization profile."""
+    """Which engines to build from which files, with the shapes of every optimization profile.
+
+    A ``size_from_bundle`` profile is sized from the bundle first; any profile that cannot
+    hold one image prompt, or needs a tensor over 2^31-1 elements, is refused (:mod:`.fit`).
+    """
     from ..families import family_for
     from ..runtime.bundle import read_bundle
+    from .fit import check_fits, derive_profile, hf_config
 
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -82,7 +87,11 @@ def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
         raise QvlmError(f"bundle {str(bundle)!r} has {info.dtype} graphs but profile {profile.name!r} builds "
                         f"{profile.graph_dtype} engines; export with --dtype {profile.graph_dtype} or set "
                         f"graph_dtype: {info.dtype} in the profile")
-    specs, tiles = [], family_for(info.model.family).max_tiles(info.model.image_layout)
+    tiles, config = family_for(info.model.family).max_tiles(info.model.image_layout), hf_config(bundle)
+    if profile.size_from_bundle:
+        profile = derive_profile(info, profile, tiles, config)
+    check_fits(info, profile, tiles, config)  # before any graph is read or engine built
+    specs = []
     for graph in GRAPHS:
         source = info.graph_path(graph)
         inputs = read_graph_inputs(source)
