@@ -82,8 +82,26 @@ def _feeds(info: dict, graph: str, rng) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-@pytest.mark.parametrize("setting", ["w8a8", "w4a16"])
-def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
+@pytest.fixture(scope="module")
+def g128_bundle(tmp_path_factory):
+    """W4A16 at the production group size 128: hidden 128 and MLPs of 512/384 (whole groups), plus a
+    200-wide vision MLP whose fc2 (K = 200) the exporter keeps in float (ragged_int4 default)."""
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.load.tiny import save_tiny_random_model
+    from qvlm_export.quant.recipe import recipe_from_dict
+    from qvlm_export.search.api import quantize
+
+    root = tmp_path_factory.mktemp("g128")
+    model = save_tiny_random_model(root / "model", vision="siglip", text="qwen2", vision_layers=1, text_layers=1,
+                                   vision_mlp=200)
+    recipe = recipe_from_dict({"method": "rtn", "setting": "w4a16", "calibration": {"samples": 2, "batch_size": 2}})
+    assert recipe.weights.group_size == 128
+    quant = quantize(model, recipe, out=root / "quant", progress=False)
+    return export_bundle(model, quant, out=root / "bundle", dtype="fp16")
+
+
+@pytest.mark.parametrize("setting", ["w8a8", "w4a16", "w4a16-g128"])
+def test_exported_bundle_engines_match_ort(tiny_bundle, g128_bundle, tmp_path, setting):
     """Build edge-style engines from an exported fp16 bundle; every graph and phase matches ORT faithful."""
     import json
 
@@ -94,7 +112,7 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
     from qvlm_export.build.profiles import BuildProfile
     from qvlm_export.build.trt_runner import TrtEngineSet, graph_runner
 
-    bundle = tiny_bundle(setting, "fp16")
+    bundle = g128_bundle if setting == "w4a16-g128" else tiny_bundle(setting, "fp16")
     profile = BuildProfile(name="test", max_batch=2, max_prompt=32, max_context=64, workspace_mib=512,
                            timing_cache=str(tmp_path / "timing.cache"))
     out = build_engines(bundle, profile, tmp_path / "engines")
@@ -103,6 +121,8 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
     info = json.loads((bundle / "bundle.json").read_text())
     rng = np.random.default_rng(0)
     with TrtEngineSet(out) as engines:
+        # the decoder's two contexts hold memory for their own profile only
+        assert [engines._runners[("decoder", p)].allocation_strategy for p in (0, 1)] == ["profile", "profile"]
         for graph in ("vision", "embed", "decoder"):
             results = Comparator.run([OnnxrtRunner(_ort_faithful(graph_file(bundle, graph))),
                                       graph_runner(engines, graph)], data_loader=_feeds(info, graph, rng))
@@ -135,3 +155,17 @@ def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(QvlmError, match="built with TensorRT 9.0.0 but"):
         answerer_for_engines(out)[0].answer(samples[:1])
+
+
+def test_corrupt_engine_file_is_one_line(tiny_bundle, tmp_path):
+    """A real deserialization failure (Polygraphy raises; it never returns None) becomes one QvlmError line."""
+    from qvlm_export.build.builder import build_engines
+    from qvlm_export.build.profiles import BuildProfile
+    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.manifest import verification
+
+    out = build_engines(tiny_bundle("w8a8", "fp16"), BuildProfile(name="t", max_prompt=32, max_context=64),
+                        tmp_path / "e")
+    (out / "embed.engine").write_bytes(b"not an engine")
+    with verification(False), pytest.raises(QvlmError, match=r"could not load the embed engine \(.+\); rebuild"):
+        TrtEngineSet(out).activate()

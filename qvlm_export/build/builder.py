@@ -170,6 +170,7 @@ def build_engines(bundle: Path, profile: BuildProfile, out: Path, *, timing_cach
 def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path | None) -> Any:
     """Serialize one strongly typed engine through Polygraphy's TensorRT loaders (needs TensorRT + GPU)."""
     from .environment import require_tensorrt
+    from .trt_runner import last_line
 
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
@@ -196,9 +197,11 @@ def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path |
     network = NetworkFromOnnxPath(str(spec.source), strongly_typed=True)
     try:
         return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)()
-    except PolygraphyException as exc:
+    except (PolygraphyException, ValueError) as exc:
+        # ValueError: TensorRT's IOptimizationProfile.set_shape on shapes it refuses (Polygraphy's
+        # Profile.to_trt calls it while CreateConfig runs, inside this call)
         raise QvlmError(f"TensorRT could not build the {spec.graph} engine from {spec.source.name}: "
-                        f"{str(exc).strip().splitlines()[-1][:300]}; run `qvlm-export check-trt` on the bundle "
+                        f"{last_line(exc)}; run `qvlm-export check-trt` on the bundle "
                         f"and see the TensorRT log above") from None
 
 
