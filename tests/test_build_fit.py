@@ -65,18 +65,23 @@ def test_auto_profile_is_sized_from_the_bundle(llava15, tmp_path):
 
 def test_tensor_over_two_to_the_31_is_refused_before_any_build(tmp_path):
     bundle = write_bundle(tmp_path / "b", **LLAVA15, **QWEN_TEXT)
-    server = dataclasses.replace(load_profile("server"), max_prompt=1024)
+    full = dataclasses.replace(load_profile("server"), max_prompt=1024, decoder_logits="all")
     with pytest.raises(QvlmError) as exc:
-        plan_build(bundle, server)
+        plan_build(bundle, full)
     # 16 x 1024 x 152064 = 2,491,416,576 > 2,147,483,647
     assert str(exc.value).startswith("profile 'server' needs a decoder prefill logits tensor of shape "
                                      "[16, 1024, 152064] (2,491,416,576 elements), over TensorRT's 2^31-1")
-    # sized from the bundle: 832-token prompts fit 16 sequences (2,024,275,968 logits)...
-    assert plan_build(bundle, load_profile("auto:server")).profile.max_batch == 16
+    # the default engine keeps the last position only: 16 x 1 x 152064
+    assert plan_build(bundle, dataclasses.replace(full, decoder_logits="last")).profile.max_batch == 16
+    # sized from the bundle with every position's logits: 832-token prompts fit 16 sequences (2,024,275,968)...
+    auto_all = dataclasses.replace(load_profile("auto:server"), decoder_logits="all")
+    assert plan_build(bundle, auto_all).profile.max_batch == 16
     # ...1600-token prompts only 8 (16 x 1600 x 152064 = 3.9e9; 8 x ... = 1.95e9)
-    longer = dataclasses.replace(load_profile("auto:server"), text_tokens=1024)
-    profile = plan_build(bundle, longer).profile
+    profile = plan_build(bundle, dataclasses.replace(auto_all, text_tokens=1024)).profile
     assert (profile.max_batch, profile.opt_batch, profile.max_prompt) == (8, 8, 1600)
+    # last-token logits: attention scores bound it instead (16 x 28 x 1600^2 = 1.15e9 fits)
+    last = plan_build(bundle, dataclasses.replace(load_profile("auto:server"), text_tokens=1024)).profile
+    assert last.max_batch == 16
 
 
 def test_vision_attention_limit_reads_the_bundles_hf_config(tmp_path):

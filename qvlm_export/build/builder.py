@@ -134,6 +134,7 @@ def engine_manifest(plan: BuildPlan, env: TrtEnvironment, out_dir: Path, timing_
         "tensorrt": {"version": env.tensorrt_version},
         "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability},
         "profile_hash": plan.profile.digest(),
+        "decoder_logits": plan.profile.decoder_logits,  # last: [batch, 1, vocab] (.last_token)
         "bundle": {"path": str(plan.bundle.resolve()), "inputs_digest": digest(sources),
                    "manifest_sha256": sha256_file(bundle_manifest) if bundle_manifest.is_file() else None},
         "engines": {spec.graph: spec.describe(plan.bundle) for spec in plan.engines},
@@ -159,12 +160,27 @@ def build_engines(bundle: Path, profile: BuildProfile, out: Path, *, timing_cach
         cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(Path(out)) as tmp:
         for spec in plan.engines:
-            engine = compile_one(spec, profile, cache)
+            engine = compile_one(_engine_source(spec, plan.profile, tmp / ".graphs"), plan.profile, cache)
             with open(tmp / spec.engine_file, "wb") as f:
                 f.write(engine)  # bytes or TensorRT's IHostMemory (a buffer)
+        shutil.rmtree(tmp / ".graphs", ignore_errors=True)
         _copy_bundle_metadata(plan.bundle, tmp / "bundle")
         write_manifest(tmp, engine_manifest(plan, env, tmp, cache, check))
     return Path(out)
+
+
+def _engine_source(spec: EngineSpec, profile: BuildProfile, scratch: Path) -> EngineSpec:
+    """The spec TensorRT compiles: the decoder with last-token logits (``decoder_logits: last``), else as planned.
+
+    The bundle's own files are never edited (.last_token writes a copy under ``scratch``).
+    """
+    if spec.graph != "decoder" or profile.decoder_logits != "last":
+        return spec
+    import dataclasses
+
+    from .last_token import write_last_token_decoder
+
+    return dataclasses.replace(spec, source=write_last_token_decoder(spec.source, scratch / spec.graph))
 
 
 def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path | None) -> Any:

@@ -74,14 +74,15 @@ def _vision_shape(config: dict[str, Any]) -> tuple[int, int, int] | None:
         return None
 
 
-def largest_tensors(info: Any, profile: BuildProfile, tiles: int, config: dict[str, Any],
-                    last_token_logits: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+def largest_tensors(info: Any, profile: BuildProfile, tiles: int,
+                    config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     """(what, max shape) of the biggest activations each engine holds under ``profile``."""
     m = info.model
     batch, prompt, context = profile.max_batch, profile.max_prompt, profile.max_context
     heads = max(1, m.hidden_size // m.head_dim) if m.head_dim else m.num_kv_heads
     text = config.get("text_config") or {}
-    out = [("decoder prefill logits", (batch, 1 if last_token_logits else prompt, m.vocab_size)),
+    last = profile.decoder_logits == "last"  # .last_token: the engine's logits hold one position
+    out = [("decoder prefill logits", (batch, 1 if last else prompt, m.vocab_size)),
            ("decoder prefill attention scores", (batch, heads, prompt, prompt)),
            ("decoder KV cache (one layer's keys)", (batch, m.num_kv_heads, context, m.head_dim)),
            ("embed output", (batch, prompt, m.hidden_size))]
@@ -95,8 +96,7 @@ def largest_tensors(info: Any, profile: BuildProfile, tiles: int, config: dict[s
     return out
 
 
-def check_fits(info: Any, profile: BuildProfile, tiles: int, config: dict[str, Any],
-               last_token_logits: bool = False) -> None:
+def check_fits(info: Any, profile: BuildProfile, tiles: int, config: dict[str, Any]) -> None:
     """Refuse, in one line, a profile that cannot hold one image prompt or needs a tensor over 2^31-1 elements."""
     image = max_image_tokens(info.model)
     need = image + MIN_TEXT_TOKENS
@@ -105,7 +105,7 @@ def check_fits(info: Any, profile: BuildProfile, tiles: int, config: dict[str, A
         raise QvlmError(f"profile {profile.name!r} allows prompts of {profile.max_prompt} tokens, but one image takes "
                         f"{image} image tokens in this {family} bundle ({need} with the shortest chat prompt); "
                         f"build with --profile auto (sized from the bundle) or set max_prompt >= {need}")
-    for what, shape in largest_tensors(info, profile, tiles, config, last_token_logits):
+    for what, shape in largest_tensors(info, profile, tiles, config):
         count = math.prod(shape)
         if count > TRT_MAX_ELEMENTS:
             raise QvlmError(f"profile {profile.name!r} needs a {what} tensor of shape {list(shape)} ({count:,} "
@@ -113,8 +113,7 @@ def check_fits(info: Any, profile: BuildProfile, tiles: int, config: dict[str, A
                             f"or use --profile auto")
 
 
-def derive_profile(info: Any, base: BuildProfile, tiles: int, config: dict[str, Any],
-                   last_token_logits: bool = False) -> BuildProfile:
+def derive_profile(info: Any, base: BuildProfile, tiles: int, config: dict[str, Any]) -> BuildProfile:
     """``base`` with max_prompt = one image's tokens + ``base.text_tokens``, max_context = that + ``new_tokens``.
 
     The context is capped at the text model's ``max_position_embeddings``; max_batch is
@@ -134,7 +133,7 @@ def derive_profile(info: Any, base: BuildProfile, tiles: int, config: dict[str, 
                                   opt_context=None, size_from_bundle=False)
     while True:
         try:
-            check_fits(info, derived, tiles, config, last_token_logits)
+            check_fits(info, derived, tiles, config)
             break
         except QvlmError:
             if derived.max_batch == 1:

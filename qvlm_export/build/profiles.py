@@ -17,6 +17,7 @@ strongly typed networks take precision from the graph's dtypes and Q/DQ nodes::
     size_from_bundle: false        # true: max_prompt/max_context from the bundle (below)
     text_tokens: 256               # longest expected text around one image (size_from_bundle)
     new_tokens: 256                # longest expected answer (size_from_bundle)
+    decoder_logits: last           # last: prefill returns [batch, 1, vocab] (.last_token); all: every position
 
 ``load_profile("auto")`` is the edge profile with ``size_from_bundle: true``;
 ``"auto:server"`` (or ``auto:<path>``) sizes another base profile. ``plan_build`` then
@@ -41,6 +42,7 @@ PROFILE_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 GRAPH_DTYPES = ("fp32", "fp16")
+DECODER_LOGITS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class BuildProfile:
     size_from_bundle: bool = False  # plan_build sizes max_prompt/max_context from the bundle (.fit)
     text_tokens: int = 256  # longest expected text around one image (size_from_bundle only)
     new_tokens: int = 256  # longest expected answer (size_from_bundle only)
+    decoder_logits: str = "last"  # last: the engine's logits are the last position's (.last_token); all: every one
     version: int = PROFILE_VERSION
 
     @property
@@ -116,6 +119,8 @@ def profile_from_dict(raw: Any, source: str = "profile") -> BuildProfile:
     if profile.hardware_compatibility not in HARDWARE_LEVELS:
         raise QvlmError(f"{source}: hardware_compatibility must be one of {list(HARDWARE_LEVELS)}, "
                         f"got {profile.hardware_compatibility!r}")
+    if profile.decoder_logits not in DECODER_LOGITS:
+        raise QvlmError(f"{source}: decoder_logits must be one of {list(DECODER_LOGITS)}, got {profile.decoder_logits!r}")
     if profile.graph_dtype not in GRAPH_DTYPES:
         raise QvlmError(f"{source}: graph_dtype must be one of {list(GRAPH_DTYPES)}, got {profile.graph_dtype!r}")
     for key in ("version_compatible", "size_from_bundle"):
