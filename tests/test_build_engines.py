@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlm_export.build.builder import build_engines, plan_build, read_engine_manifest
-from qvlm_export.build.environment import TrtEnvironment, check_engine_compatibility, require_tensorrt
-from qvlm_export.build.profiles import BuildProfile, load_profile
 from qvlm_export.cli import main
+from qvlm_export.engine.builder import build_engines, plan_build, read_engine_manifest
+from qvlm_export.engine.environment import TrtEnvironment, check_engine_compatibility, require_tensorrt
+from qvlm_export.engine.profiles import BuildProfile, load_profile
 from qvlm_export.errors import QvlmError
 from qvlm_export.manifest import sha256_file
 
@@ -221,7 +221,7 @@ def test_cli_build_errors(bundle, tmp_path, capsys):
 
 
 def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):
-    from qvlm_export.build.trt_runner import check_feed_shapes, choose_phase
+    from qvlm_export.engine.trt_runner import check_feed_shapes, choose_phase
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     m = read_engine_manifest(out)
@@ -245,14 +245,14 @@ def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):
 
 
 def test_runner_refuses_engines_from_another_tensorrt_before_loading(bundle, tmp_path):
-    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.engine.trt_runner import TrtEngineSet
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     with pytest.raises(QvlmError, match="built with TensorRT 10.3.0 but 11.0.0 is installed"):
         TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0")).activate()
     with pytest.raises(QvlmError, match="'onnx-bundle' artifact, expected 'engines'"):
         TrtEngineSet(bundle, environment=H100)
-    from qvlm_export.build.trt_runner import tensorrt_runner
+    from qvlm_export.engine.trt_runner import tensorrt_runner
 
     runner = tensorrt_runner(out, environment=TrtEnvironment("10.3.0", "NVIDIA L4", "8.9"))  # loads nothing yet
     assert runner.info.model.num_layers == 1 and runner.name == "tensorrt:e"
@@ -269,7 +269,7 @@ def ort_backed_engine_set(engine_dir, bundle):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.engine.trt_runner import TrtEngineSet
 
     class OrtBackedEngineSet(TrtEngineSet):
         def _load_runners(self):
@@ -289,7 +289,7 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from qvlm_export.build.trt_runner import graph_runner
+    from qvlm_export.engine.trt_runner import graph_runner
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     engines = ort_backed_engine_set(out, bundle).activate()

@@ -12,10 +12,10 @@ import json
 import pytest
 from test_build_engines import write_bundle
 
-from qvlm_export.build.builder import plan_build
-from qvlm_export.build.fit import max_image_tokens
-from qvlm_export.build.profiles import load_profile
 from qvlm_export.cli import main
+from qvlm_export.engine.builder import plan_build
+from qvlm_export.engine.fit import max_image_tokens
+from qvlm_export.engine.profiles import load_profile
 from qvlm_export.errors import QvlmError
 from qvlm_export.runtime.bundle import ModelSpec, refresh_bundle
 
@@ -120,7 +120,7 @@ def test_any_resolution_image_token_bound():
 def test_auto_profile_names_and_validation():
     auto = load_profile("auto:server")
     assert (auto.name, auto.size_from_bundle, auto.max_batch, auto.text_tokens) == ("auto:server", True, 16, 256)
-    from qvlm_export.build.profiles import profile_from_dict
+    from qvlm_export.engine.profiles import profile_from_dict
 
     with pytest.raises(QvlmError, match="text_tokens must be an integer >= 1, got 0"):
         profile_from_dict({"name": "x", "text_tokens": 0})

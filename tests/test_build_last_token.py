@@ -16,8 +16,8 @@ import pytest
 from onnx import TensorProto, helper
 from test_build_engines import H100, PROFILE, RecordingCompiler, tiny_bundle_graphs, write_bundle
 
-from qvlm_export.build.builder import build_engines, read_engine_manifest
-from qvlm_export.build.last_token import last_token_logits, write_last_token_decoder
+from qvlm_export.engine.builder import build_engines, read_engine_manifest
+from qvlm_export.engine.last_token import last_token_logits, write_last_token_decoder
 from qvlm_export.errors import QvlmError
 from qvlm_export.manifest import sha256_file
 

@@ -17,9 +17,9 @@ import pytest
 from polygraphy.exception import PolygraphyException
 from test_build_engines import H100, PROFILE, RecordingCompiler, write_bundle
 
-from qvlm_export.build import environment
-from qvlm_export.build.builder import build_engines, compile_engine, plan_build
-from qvlm_export.build.trt_runner import TrtEngineSet
+from qvlm_export.engine import environment
+from qvlm_export.engine.builder import build_engines, compile_engine, plan_build
+from qvlm_export.engine.trt_runner import TrtEngineSet
 from qvlm_export.errors import QvlmError
 
 POLY_DESERIALIZE = ("[E] 1: [runtime.cpp::deserializeCudaEngine] Error Code 1: Serialization (magic tag mismatch)\n"

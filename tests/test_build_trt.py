@@ -15,7 +15,7 @@ import pytest
 from _export_helpers import graph_file  # noqa: E402
 from onnx import TensorProto
 
-from qvlm_export.build.environment import gpu_identity, require_tensorrt
+from qvlm_export.engine.environment import gpu_identity, require_tensorrt
 from qvlm_export.errors import QvlmError
 
 try:
@@ -45,9 +45,9 @@ def test_qdq_linear_engine_matches_ort(tmp_path, kwargs):
     from polygraphy.comparator import Comparator, CompareFunc
     from test_check_trt import linear_model
 
-    from qvlm_export.build.builder import EngineSpec, compile_engine
-    from qvlm_export.build.profiles import BuildProfile
-    from qvlm_export.build.shapes import read_graph_inputs
+    from qvlm_export.engine.builder import EngineSpec, compile_engine
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.shapes import read_graph_inputs
 
     path = tmp_path / "linear.onnx"
     onnx.save(linear_model(**kwargs), path)
@@ -108,9 +108,9 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, g128_bundle, tmp_path, s
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
-    from qvlm_export.build.builder import build_engines, read_engine_manifest
-    from qvlm_export.build.profiles import BuildProfile
-    from qvlm_export.build.trt_runner import TrtEngineSet, graph_runner
+    from qvlm_export.engine.builder import build_engines, read_engine_manifest
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.trt_runner import TrtEngineSet, graph_runner
 
     bundle = g128_bundle if setting == "w4a16-g128" else tiny_bundle(setting, "fp16")
     profile = BuildProfile(name="test", max_batch=2, max_prompt=32, max_context=64, workspace_mib=512,
@@ -140,9 +140,9 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, g128_bundle, tmp_path, s
 def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path):
     import json
 
-    from qvlm_export.build.builder import build_engines
-    from qvlm_export.build.profiles import BuildProfile
     from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.engine.builder import build_engines
+    from qvlm_export.engine.profiles import BuildProfile
     from qvlm_export.runtime.factory import answerer_for_bundle, answerer_for_engines
 
     bundle = tiny_bundle("w8a8", "fp16")
@@ -162,9 +162,9 @@ def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path
 
 def test_corrupt_engine_file_is_one_line(tiny_bundle, tmp_path):
     """A real deserialization failure (Polygraphy raises; it never returns None) becomes one QvlmError line."""
-    from qvlm_export.build.builder import build_engines
-    from qvlm_export.build.profiles import BuildProfile
-    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.engine.builder import build_engines
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.trt_runner import TrtEngineSet
     from qvlm_export.manifest import verification
 
     out = build_engines(tiny_bundle("w8a8", "fp16"), BuildProfile(name="t", max_prompt=32, max_context=64),

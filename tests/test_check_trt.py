@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlm_export.build.check_trt import RULES, check_model, check_path
 from qvlm_export.cli import main
+from qvlm_export.engine.check_trt import RULES, check_model, check_path
 from qvlm_export.errors import QvlmError
 
 NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qvlm_export.build.check_trt import check_path
+from qvlm_export.engine.check_trt import check_path
 from qvlm_export.export.api import export_bundle
 from qvlm_export.export.config import ExportConfig
 from qvlm_export.load.tiny import save_tiny_anyres_model
