@@ -72,7 +72,7 @@ def resolve_recipe(method: str, setting: str, overrides: dict[str, Any]) -> Quan
 
 def tensorrt_unavailable() -> str | None:
     """Why TensorRT engines cannot be built here (None when tensorrt and a GPU are present)."""
-    from .build.environment import detect_environment
+    from .engine.environment import detect_environment
 
     try:
         detect_environment()
@@ -142,7 +142,7 @@ def _export_all(config: RunConfig, out: Path, states: dict[str, Path], stage: _T
 
 
 def _check_trt(bundles: dict[str, Path], out: Path, result: RunResult, stage: _Timer, log: Log) -> None:
-    from .build.check_trt import check_path
+    from .engine.check_trt import check_path
 
     for setting, bundle in bundles.items():
         if setting == "fp":
@@ -173,8 +173,8 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
             raise QvlmError(f"build.engines is 'required' but {reason}")
         result.skipped.append(f"tensorrt engines: skipped: {reason}")
         return
-    from .build.builder import build_engines
-    from .build.profiles import load_profile
+    from .engine.builder import build_engines
+    from .engine.profiles import load_profile
     from .export.config import export_config_from_dict
 
     profile = load_profile(config.build.profile)

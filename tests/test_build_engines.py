@@ -7,6 +7,7 @@ Real TensorRT builds are in tests/test_build_trt.py (skipped without tensorrt an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlm_export.build.builder import build_engines, plan_build, read_engine_manifest
-from qvlm_export.build.environment import TrtEnvironment, check_engine_compatibility, require_tensorrt
-from qvlm_export.build.profiles import BuildProfile, load_profile
 from qvlm_export.cli import main
+from qvlm_export.engine.builder import build_engines, plan_build, read_engine_manifest
+from qvlm_export.engine.environment import TrtEnvironment, check_engine_compatibility, require_tensorrt
+from qvlm_export.engine.profiles import BuildProfile, load_profile
 from qvlm_export.errors import QvlmError
 from qvlm_export.manifest import sha256_file
 
@@ -60,8 +61,8 @@ def tiny_bundle_graphs(dtype=TensorProto.FLOAT16, w_axis=1):
     return {"vision": vision, "embed": embed, "decoder": decoder}
 
 
-def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
-    """A bundle directory as `qvlm-export export` lays it out, with the tiny graphs."""
+def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16, **spec_overrides):
+    """A bundle directory as `qvlm-export export` lays it out, with the tiny graphs (keywords: ModelSpec overrides)."""
     from qvlm_export.runtime.bundle import BundleInfo, GraphIO, ModelSpec, write_bundle_json
 
     (root / "processor").mkdir(parents=True)
@@ -72,6 +73,7 @@ def write_bundle(root, w_axis=1, dtype=TensorProto.FLOAT16):
                                tuple(o.name for o in model.graph.output))
     spec = ModelSpec(image_token_id=3, eos_token_id=2, pad_token_id=0, num_layers=1, num_kv_heads=2, head_dim=4,
                      hidden_size=8, vocab_size=16, image_seq_length=6, image_size=4)
+    spec = dataclasses.replace(spec, **spec_overrides)
     write_bundle_json(BundleInfo(root, "fp16" if dtype == TensorProto.FLOAT16 else "fp32", 21, graphs, spec,
                                  {"setting": "w8a8"}), root)
     (root / "processor" / "tokenizer.json").write_text("{}")
@@ -219,7 +221,7 @@ def test_cli_build_errors(bundle, tmp_path, capsys):
 
 
 def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):
-    from qvlm_export.build.trt_runner import check_feed_shapes, choose_phase
+    from qvlm_export.engine.trt_runner import check_feed_shapes, choose_phase
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     m = read_engine_manifest(out)
@@ -243,14 +245,14 @@ def test_runner_phase_choice_and_shape_limits(bundle, tmp_path):
 
 
 def test_runner_refuses_engines_from_another_tensorrt_before_loading(bundle, tmp_path):
-    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.engine.trt_runner import TrtEngineSet
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     with pytest.raises(QvlmError, match="built with TensorRT 10.3.0 but 11.0.0 is installed"):
         TrtEngineSet(out, environment=TrtEnvironment("11.0.0", H100.gpu_name, "9.0")).activate()
     with pytest.raises(QvlmError, match="'onnx-bundle' artifact, expected 'engines'"):
         TrtEngineSet(bundle, environment=H100)
-    from qvlm_export.build.trt_runner import tensorrt_runner
+    from qvlm_export.engine.trt_runner import tensorrt_runner
 
     runner = tensorrt_runner(out, environment=TrtEnvironment("10.3.0", "NVIDIA L4", "8.9"))  # loads nothing yet
     assert runner.info.model.num_layers == 1 and runner.name == "tensorrt:e"
@@ -267,7 +269,7 @@ def ort_backed_engine_set(engine_dir, bundle):
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from qvlm_export.build.trt_runner import TrtEngineSet
+    from qvlm_export.engine.trt_runner import TrtEngineSet
 
     class OrtBackedEngineSet(TrtEngineSet):
         def _load_runners(self):
@@ -287,7 +289,7 @@ def test_polygraphy_runner_adapter_in_comparator(bundle, tmp_path):
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from qvlm_export.build.trt_runner import graph_runner
+    from qvlm_export.engine.trt_runner import graph_runner
 
     out = build_engines(bundle, PROFILE, tmp_path / "e", compiler=RecordingCompiler(), environment=H100)
     engines = ort_backed_engine_set(out, bundle).activate()

@@ -14,11 +14,11 @@ import pytest
 from _export_helpers import graph_file  # noqa: E402
 from onnx import TensorProto, numpy_helper
 
-from qvlm_export.build.builder import build_engines, plan_build, read_engine_manifest
-from qvlm_export.build.check_trt import check_model, check_path
-from qvlm_export.build.environment import TrtEnvironment
-from qvlm_export.build.profiles import BuildProfile, load_profile
 from qvlm_export.cli import main
+from qvlm_export.engine.builder import build_engines, plan_build, read_engine_manifest
+from qvlm_export.engine.check_trt import check_model, check_path
+from qvlm_export.engine.environment import TrtEnvironment
+from qvlm_export.engine.profiles import BuildProfile, load_profile
 
 COMBOS = [("w8a8", "fp32"), ("w8a8", "fp16"), ("w4a16", "fp16")]
 

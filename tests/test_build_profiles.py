@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from onnx import TensorProto
 
-from qvlm_export.build.profiles import BuildProfile, builtin_profiles, load_profile, profile_from_dict
-from qvlm_export.build.shapes import InputSpec, optimization_profiles
+from qvlm_export.engine.profiles import BuildProfile, builtin_profiles, load_profile, profile_from_dict
+from qvlm_export.engine.shapes import InputSpec, optimization_profiles
 from qvlm_export.errors import QvlmError
 
 F16, I64 = TensorProto.FLOAT16, TensorProto.INT64

@@ -15,7 +15,7 @@ import pytest
 from _export_helpers import graph_file  # noqa: E402
 from onnx import TensorProto
 
-from qvlm_export.build.environment import gpu_identity, require_tensorrt
+from qvlm_export.engine.environment import gpu_identity, require_tensorrt
 from qvlm_export.errors import QvlmError
 
 try:
@@ -45,9 +45,9 @@ def test_qdq_linear_engine_matches_ort(tmp_path, kwargs):
     from polygraphy.comparator import Comparator, CompareFunc
     from test_check_trt import linear_model
 
-    from qvlm_export.build.builder import EngineSpec, compile_engine
-    from qvlm_export.build.profiles import BuildProfile
-    from qvlm_export.build.shapes import read_graph_inputs
+    from qvlm_export.engine.builder import EngineSpec, compile_engine
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.shapes import read_graph_inputs
 
     path = tmp_path / "linear.onnx"
     onnx.save(linear_model(**kwargs), path)
@@ -82,19 +82,37 @@ def _feeds(info: dict, graph: str, rng) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-@pytest.mark.parametrize("setting", ["w8a8", "w4a16"])
-def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
+@pytest.fixture(scope="module")
+def g128_bundle(tmp_path_factory):
+    """W4A16 at the production group size 128: hidden 128 and MLPs of 512/384 (whole groups), plus a
+    200-wide vision MLP whose fc2 (K = 200) the exporter keeps in float (ragged_int4 default)."""
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.load.tiny import save_tiny_random_model
+    from qvlm_export.quant.recipe import recipe_from_dict
+    from qvlm_export.search.api import quantize
+
+    root = tmp_path_factory.mktemp("g128")
+    model = save_tiny_random_model(root / "model", vision="siglip", text="qwen2", vision_layers=1, text_layers=1,
+                                   vision_mlp=200)
+    recipe = recipe_from_dict({"method": "rtn", "setting": "w4a16", "calibration": {"samples": 2, "batch_size": 2}})
+    assert recipe.weights.group_size == 128
+    quant = quantize(model, recipe, out=root / "quant", progress=False)
+    return export_bundle(model, quant, out=root / "bundle", dtype="fp16")
+
+
+@pytest.mark.parametrize("setting", ["w8a8", "w4a16", "w4a16-g128"])
+def test_exported_bundle_engines_match_ort(tiny_bundle, g128_bundle, tmp_path, setting):
     """Build edge-style engines from an exported fp16 bundle; every graph and phase matches ORT faithful."""
     import json
 
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
-    from qvlm_export.build.builder import build_engines, read_engine_manifest
-    from qvlm_export.build.profiles import BuildProfile
-    from qvlm_export.build.trt_runner import TrtEngineSet, graph_runner
+    from qvlm_export.engine.builder import build_engines, read_engine_manifest
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.trt_runner import TrtEngineSet, graph_runner
 
-    bundle = tiny_bundle(setting, "fp16")
+    bundle = g128_bundle if setting == "w4a16-g128" else tiny_bundle(setting, "fp16")
     profile = BuildProfile(name="test", max_batch=2, max_prompt=32, max_context=64, workspace_mib=512,
                            timing_cache=str(tmp_path / "timing.cache"))
     out = build_engines(bundle, profile, tmp_path / "engines")
@@ -103,12 +121,17 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
     info = json.loads((bundle / "bundle.json").read_text())
     rng = np.random.default_rng(0)
     with TrtEngineSet(out) as engines:
+        # the decoder's two contexts hold memory for their own profile only
+        assert [engines._runners[("decoder", p)].allocation_strategy for p in (0, 1)] == ["profile", "profile"]
         for graph in ("vision", "embed", "decoder"):
             results = Comparator.run([OnnxrtRunner(_ort_faithful(graph_file(bundle, graph))),
                                       graph_runner(engines, graph)], data_loader=_feeds(info, graph, rng))
             for ref, trt in zip(results[0][1], results[1][1], strict=True):
                 for name in ref.keys():
                     expected, got = ref[name].astype(np.float32), trt[name].astype(np.float32)
+                    if name == "logits":  # the engine's prefill returns the last position (decoder_logits: last)
+                        assert got.shape[1] == 1
+                        expected = expected[:, -1:]
                     span = float(expected.max() - expected.min()) if expected.size else 0.0
                     error = float(np.abs(expected - got).max()) if expected.size else 0.0
                     assert error <= 0.05 * span + 1e-3, f"{graph}/{name}: max error {error:.4g}, range {span:.4g}"
@@ -117,9 +140,9 @@ def test_exported_bundle_engines_match_ort(tiny_bundle, tmp_path, setting):
 def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path):
     import json
 
-    from qvlm_export.build.builder import build_engines
-    from qvlm_export.build.profiles import BuildProfile
     from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.engine.builder import build_engines
+    from qvlm_export.engine.profiles import BuildProfile
     from qvlm_export.runtime.factory import answerer_for_bundle, answerer_for_engines
 
     bundle = tiny_bundle("w8a8", "fp16")
@@ -135,3 +158,17 @@ def test_engines_answer_like_ort_and_refuse_other_tensorrt(tiny_bundle, tmp_path
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(QvlmError, match="built with TensorRT 9.0.0 but"):
         answerer_for_engines(out)[0].answer(samples[:1])
+
+
+def test_corrupt_engine_file_is_one_line(tiny_bundle, tmp_path):
+    """A real deserialization failure (Polygraphy raises; it never returns None) becomes one QvlmError line."""
+    from qvlm_export.engine.builder import build_engines
+    from qvlm_export.engine.profiles import BuildProfile
+    from qvlm_export.engine.trt_runner import TrtEngineSet
+    from qvlm_export.manifest import verification
+
+    out = build_engines(tiny_bundle("w8a8", "fp16"), BuildProfile(name="t", max_prompt=32, max_context=64),
+                        tmp_path / "e")
+    (out / "embed.engine").write_bytes(b"not an engine")
+    with verification(False), pytest.raises(QvlmError, match=r"could not load the embed engine \(.+\); rebuild"):
+        TrtEngineSet(out).activate()

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qvlm_export.build.check_trt import RULES, check_model, check_path
 from qvlm_export.cli import main
+from qvlm_export.engine.check_trt import RULES, check_model, check_path
 from qvlm_export.errors import QvlmError
 
 NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -103,9 +103,11 @@ def test_clean_graphs_pass_and_are_valid_onnx(kwargs):
     ({"weights": "int4", "act": None, "w_shape": (2, 16, 8), "w_axis": 1}, {("w_dq", "int4-weight-only-blocked")}),
     ({"weights": "int4", "act": None, "block": 0, "w_axis": 1}, {("w_dq", "int4-weight-only-blocked")}),
     ({"x_zp_type": TensorProto.INT4}, {("x_q", "int4-weight-only-blocked"), ("x_dq", "int4-weight-only-blocked")}),
+    # K = 20 in blocks of 8: a ragged last block of 4 (SigLIP's fc2: K = 4304 in blocks of 128)
+    ({"weights": "int4", "act": None, "k": 20}, {("w_dq", "int4-even-blocks")}),
 ], ids=["zero-point", "scale-zero", "scale-negative-int4", "act-per-channel", "matmul-axis", "gemm-axis", "uint8",
         "fp32-scale-in-fp16", "bias-dq", "opset19-int4", "w4a8", "int4-odd", "int4-3d", "int4-unblocked",
-        "int4-activation"])
+        "int4-activation", "int4-ragged"])
 def test_each_broken_rule_names_node_and_rule(kwargs, expected):
     assert found(linear_model(**kwargs)) == expected
 
@@ -162,3 +164,12 @@ def test_check_path_on_bundle_dir_and_cli_exit_codes(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(QvlmError, match="no .onnx files"):
         check_path(tmp_path / "empty")
+
+
+def test_ragged_int4_block_message_and_the_one_block_case():
+    [violation] = check_model(linear_model(weights="int4", act=None, k=4304, n=8, block=128)).violations
+    assert violation.detail == ("int4 weight [4304, 8]: K = 4304 is not a multiple of block_size 128 "
+                                "(a ragged last block of 80); TensorRT's parser rejects it")
+    # K <= block is one block covering K, which the parser infers correctly; K a multiple of 128 is fine
+    assert check_model(linear_model(weights="int4", act=None, k=96, n=8, block=128)).violations == []
+    assert check_model(linear_model(weights="int4", act=None, k=4352, n=8, block=128)).violations == []

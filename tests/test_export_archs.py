@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
 from _export_helpers import graph_file  # noqa: E402
 
-from qvlm_export.build.check_trt import check_path  # noqa: E402
 from qvlm_export.data.manifest import load_dataset  # noqa: E402
+from qvlm_export.engine.check_trt import check_path  # noqa: E402
 from qvlm_export.export.api import export_bundle  # noqa: E402
 from qvlm_export.load.tiny import save_tiny_random_model  # noqa: E402
 from qvlm_export.manifest import hash_tree  # noqa: E402

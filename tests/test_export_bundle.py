@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
 from _export_helpers import graph_file  # noqa: E402
 
-from qvlm_export.build.check_trt import check_path  # noqa: E402
 from qvlm_export.cli import main  # noqa: E402
 from qvlm_export.data.manifest import load_dataset  # noqa: E402
+from qvlm_export.engine.check_trt import check_path  # noqa: E402
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
 from qvlm_export.load.tiny import save_tiny_random_model  # noqa: E402

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _export_helpers as H  # noqa: E402
 from test_families import SIZES, images  # noqa: E402
 
-from qvlm_export.build.builder import plan_build  # noqa: E402
-from qvlm_export.build.check_trt import check_path  # noqa: E402
-from qvlm_export.build.profiles import load_profile  # noqa: E402
+from qvlm_export.engine.builder import plan_build  # noqa: E402
+from qvlm_export.engine.check_trt import check_path  # noqa: E402
+from qvlm_export.engine.profiles import load_profile  # noqa: E402
 from qvlm_export.load.tiny import save_tiny_anyres_model  # noqa: E402
 from qvlm_export.runtime.bundle import read_bundle  # noqa: E402
 from qvlm_export.runtime.generate import RunnerAnswerer  # noqa: E402

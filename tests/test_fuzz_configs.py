@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qvlm_export.build.profiles import load_profile, profile_from_dict
 from qvlm_export.cli import main
 from qvlm_export.data.manifest import load_dataset, read_manifest
+from qvlm_export.engine.profiles import load_profile, profile_from_dict
 from qvlm_export.errors import QvlmError
 from qvlm_export.export.config import ExportConfig, export_config_from_dict
 from qvlm_export.pipeline_config import RunConfig, load_run_config, run_config_from_dict

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import qvlm_export
-from qvlm_export.build.profiles import PROFILES_DIR, load_profile
+from qvlm_export.engine.profiles import PROFILES_DIR, load_profile
 from qvlm_export.load.model import EMBEDDED_MODEL_DIR
 from qvlm_export.quant.recipe import RECIPES_DIR, load_recipe
 

@@ -150,9 +150,9 @@ def test_validate_engines_with_ort_standing_in_for_tensorrt(tiny_bundle, tiny_w8
     (engine manifest, phase choice, the fp16 -> fp32 cast adapter, task parity over the engine runner)."""
     from test_build_engines import H100, ort_backed_engine_set
 
-    from qvlm_export.build import trt_runner
-    from qvlm_export.build.builder import build_engines
-    from qvlm_export.build.profiles import BuildProfile
+    from qvlm_export.engine import trt_runner
+    from qvlm_export.engine.builder import build_engines
+    from qvlm_export.engine.profiles import BuildProfile
 
     fp16 = tiny_bundle("w8a8", "fp16")
     engines = build_engines(fp16, BuildProfile(name="t", max_batch=4, max_prompt=128, max_context=160),

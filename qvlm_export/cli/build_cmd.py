@@ -20,7 +20,7 @@ def check_trt_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..build.check_trt import check_path
+    from ..engine.check_trt import check_path
 
     report = check_path(path)
     if json_out:
@@ -52,8 +52,8 @@ def build_command(
     apply_verify(no_verify)
     from pathlib import Path
 
-    from ..build.builder import build_engines, dump_plan, plan_build
-    from ..build.profiles import load_profile
+    from ..engine.builder import build_engines, dump_plan, plan_build
+    from ..engine.profiles import load_profile
     from ..errors import QvlmError
 
     resolved = load_profile(profile)

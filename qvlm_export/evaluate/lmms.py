@@ -84,6 +84,10 @@ class BundleLMM:
         mask = np.asarray(full["attention_mask"], dtype=np.int64)
         embeds = prompt_embeds(runner, ids, image_inputs(runner.info, full))
         logits, _ = runner.decode(embeds, mask, position_ids(mask), runner.info.empty_past(1))
+        if logits.shape[1] != ids.shape[1]:
+            raise QvlmError(f"{runner.name} returns logits for the last position only (TensorRT engines built with "
+                            "decoder_logits: last); score log-likelihoods on the ONNX bundle, or rebuild the engines "
+                            "with decoder_logits: all in the profile")
         scores = logits[0, n_ctx - 1:-1].astype(np.float64)  # the logits that predict each continuation token
         top = scores.max(-1, keepdims=True)
         logp = scores - top - np.log(np.exp(scores - top).sum(-1, keepdims=True))

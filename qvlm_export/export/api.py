@@ -215,9 +215,12 @@ def _export_one(spec, config: ExportConfig, ctx, out_dir: Path, weight_bits: int
     return io, traced_bytes
 
 
-def export_graphs(vlm, state, config: ExportConfig, out_dir: Path,
-                  log: Callable[[str], None] | None = None) -> dict[str, GraphIO]:
-    """Trace, lower and save the three graphs; returns their I/O and weight bytes."""
+def export_graphs(vlm, state, config: ExportConfig, out_dir: Path, log: Callable[[str], None] | None = None,
+                  kept_out_of_int4: dict[str, dict[str, Any]] | None = None) -> dict[str, GraphIO]:
+    """Trace, lower and save the three graphs; returns their I/O and weight bytes.
+
+    ``kept_out_of_int4`` (filled in when given): the ragged int4 layers lowered as float or int8.
+    """
     from .passes import PassContext
     from .trace import graph_specs
 
@@ -228,9 +231,11 @@ def export_graphs(vlm, state, config: ExportConfig, out_dir: Path,
     for spec in graph_specs(vlm.model, config):
         if log:
             log(f"exporting {spec.name}")
-        ctx = PassContext(float_dtype, layers)
+        ctx = PassContext(float_dtype, layers, ragged_int4=config.ragged_int4)
         graphs[spec.name], _ = _export_one(spec, config, ctx, out_dir, bits)
         lowered |= set(ctx.lowered)
+        if kept_out_of_int4 is not None:
+            kept_out_of_int4.update(ctx.kept_out_of_int4)
     missing = sorted(set(layers) - lowered)
     if missing:
         # Not "another model": check_state_fits proved every layer exists with its shape.
@@ -291,11 +296,18 @@ def export_bundle(model: str | Path | None = None, quant: str | Path | None = No
     vlm, state = prepare_model(model, quant, config, log)
     spec = model_spec(vlm)
     with atomic_directory(Path(out)) as tmp:
-        graphs = export_graphs(vlm, state, config, tmp, log)
+        kept: dict[str, dict[str, Any]] = {}
+        graphs = export_graphs(vlm, state, config, tmp, log, kept)
         write_hf_files(vlm, tmp, {g: io.file for g, io in graphs.items()},
                        {g for g, io in graphs.items() if io.data_file})
+        summary = quant_summary(state, quant)
+        if kept:  # only then: other bundles' bundle.json stays byte-identical
+            summary["kept_out_of_int4"] = {name: kept[name] for name in sorted(kept)}
+            if log:
+                log(f"kept {len(kept)} int4 layer(s) whose K is not a multiple of the group size as "
+                    f"{config.ragged_int4} (TensorRT cannot parse a ragged last block), e.g. {min(kept)}")
         info = BundleInfo(path=tmp, dtype=config.dtype, opset=config.opset, graphs=graphs, model=spec,
-                          quant=quant_summary(state, quant), processor=".")
+                          quant=summary, processor=".")
         write_bundle_json(info, tmp)
         recorded, inputs = export_identity(vlm.path, quant, config)
         # Where the bundle came from: validate rebuilds the quant state's simulated model from these to

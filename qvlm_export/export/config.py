@@ -9,7 +9,8 @@ from typing import Any
 from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 
-EXPORT_CONFIG_VERSION = 2  # 2: external_data_bytes
+EXPORT_CONFIG_VERSION = 3  # 2: external_data_bytes; 3: ragged_int4
+RAGGED_INT4 = ("float", "int8", "int4")
 DTYPES = ("fp32", "fp16")
 
 
@@ -33,6 +34,11 @@ class ExportConfig:
     # (<graph>.onnx_data) without ever building one protobuf: protobuf stops at 2 GB, and the
     # in-memory proto would be a second copy of the weights. Tests lower it to exercise the path.
     external_data_bytes: int = 1_000_000_000
+    # int4 layers whose K is not a multiple of the group size (SigLIP's fc2: K = 4304): TensorRT's
+    # parser rejects their ragged last block. float: keep the state's dequantized weight in the graph's
+    # float type (exact, 4x the bytes); int8: re-quantize it per output channel (weight-only, within half
+    # an int8 step); int4: keep the ragged blocks (ONNX Runtime only; check-trt rejects them).
+    ragged_int4: str = "float"
     version: int = EXPORT_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -40,6 +46,8 @@ class ExportConfig:
             raise QvlmError(f"export dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.opset < 21:
             raise QvlmError(f"export needs opset >= 21 (int4 weights and blocked DequantizeLinear), got {self.opset}")
+        if self.ragged_int4 not in RAGGED_INT4:
+            raise QvlmError(f"ragged_int4 must be one of {list(RAGGED_INT4)}, got {self.ragged_int4!r}")
         if self.external_data_bytes < 0:
             raise QvlmError(f"external_data_bytes must be >= 0, got {self.external_data_bytes}")
         if min(self.example_batch, self.example_seq, self.example_past) < 2:

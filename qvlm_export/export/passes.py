@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import QvlmError
 from ..quant.state import LayerQuant
-from .qdq import activation_scale, weight_qdq
+from .qdq import WeightQDQ, activation_scale, int8_channel_qdq, ragged_blocks, weight_qdq
 from .qlinear import QDOMAIN, QOP
 
 
@@ -45,6 +45,8 @@ class PassContext:
     lowered: list[str] = field(default_factory=list)
     base_dir: str = ""  # where the graph's external data lives (large graphs, see .save)
     store: Any = None  # an .save.ExternalStore: new tensors go to its file, not into the proto
+    ragged_int4: str = "float"  # what int4 layers with a ragged last block become (ExportConfig.ragged_int4)
+    kept_out_of_int4: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer -> {"as", "k", ...}
 
 
 GraphPass = Callable[[onnx.ModelProto, PassContext], None]
@@ -107,16 +109,7 @@ def _lower_one(node: onnx.NodeProto, weight: np.ndarray, layer: str, ctx: PassCo
         raise PassError(f"layer {layer!r}: the traced weight is not the state's dequantized weight "
                         f"(max diff {float(np.abs(expected.astype(np.float32) - weight).max()):.3g}); "
                         "the Linear -> MatMul mapping is wrong")
-    w = weight_qdq(quant, ctx.float_dtype)
-    ctx.linear_bytes += w.stored_bytes()
-    inits = [numpy_helper.from_array(w.codes, f"{layer}.weight_quantized"), _const(f"{layer}.weight_scale", w.scale)]
-    dq_inputs = [inits[0].name, inits[1].name]
-    if w.zero_point is not None:
-        inits.append(numpy_helper.from_array(w.zero_point, f"{layer}.weight_zero_point"))
-        dq_inputs.append(inits[-1].name)
-    attrs = {k: v for k, v in (("axis", w.axis), ("block_size", w.block_size)) if v is not None}
-    nodes = [helper.make_node("DequantizeLinear", dq_inputs, [f"{layer}.weight_dq"], name=f"{layer}/weight_dq",
-                              **attrs)]
+    nodes, inits, w_name = _weight_nodes(layer, quant, weight, ctx)
     s = activation_scale(quant, ctx.float_dtype)
     if s is not None:
         inits += [_const(f"{layer}.input_scale", s), _const(f"{layer}.input_zero_point", np.zeros((), np.int8))]
@@ -125,8 +118,43 @@ def _lower_one(node: onnx.NodeProto, weight: np.ndarray, layer: str, ctx: PassCo
                   helper.make_node("DequantizeLinear", [f"{layer}.input_q", *q_in[1:]], [f"{layer}.input_dq"],
                                    name=f"{layer}/input_dq")]
         x = f"{layer}.input_dq"
-    nodes.append(helper.make_node("MatMul", [x, f"{layer}.weight_dq"], [out], name=f"{layer}/MatMul"))
+    nodes.append(helper.make_node("MatMul", [x, w_name], [out], name=f"{layer}/MatMul"))
     return nodes, inits
+
+
+def _weight_nodes(layer: str, quant: LayerQuant, weight: np.ndarray, ctx: PassContext
+                  ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """(nodes, initializers, weight tensor name) of one quantized layer's ``[K, N]`` weight.
+
+    A ragged int4 layer (:func:`.qdq.ragged_blocks`) follows ``ctx.ragged_int4``: ``float``
+    stores the traced weight itself (equal to the state's dequantized weight, checked above),
+    ``int8`` re-quantizes it per output channel, ``int4`` keeps the ragged blocks.
+    """
+    policy = ctx.ragged_int4 if ragged_blocks(quant) else "int4"
+    if policy != "int4":
+        ctx.kept_out_of_int4[layer] = {"as": policy, "k": int(weight.shape[1]), "group_size": quant.group_size}
+    if policy == "float":
+        ctx.linear_bytes += weight.nbytes
+        name = f"{layer}.weight_t"
+        return [], [_const(name, np.ascontiguousarray(weight.T))], name
+    if policy == "int8":
+        w, error = int8_channel_qdq(weight, ctx.float_dtype)
+        ctx.kept_out_of_int4[layer]["max_abs_error"] = float(f"{error:.3g}")
+    else:
+        w = weight_qdq(quant, ctx.float_dtype)
+    return (*_dq_nodes(layer, w, ctx), f"{layer}.weight_dq")
+
+
+def _dq_nodes(layer: str, w: WeightQDQ, ctx: PassContext) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    ctx.linear_bytes += w.stored_bytes()
+    inits = [numpy_helper.from_array(w.codes, f"{layer}.weight_quantized"), _const(f"{layer}.weight_scale", w.scale)]
+    dq_inputs = [inits[0].name, inits[1].name]
+    if w.zero_point is not None:
+        inits.append(numpy_helper.from_array(w.zero_point, f"{layer}.weight_zero_point"))
+        dq_inputs.append(inits[-1].name)
+    attrs = {k: v for k, v in (("axis", w.axis), ("block_size", w.block_size)) if v is not None}
+    return [helper.make_node("DequantizeLinear", dq_inputs, [f"{layer}.weight_dq"], name=f"{layer}/weight_dq",
+                             **attrs)], inits
 
 
 def lower_linears(model: onnx.ModelProto, ctx: PassContext) -> None:

@@ -5,7 +5,10 @@ Layouts follow DESIGN sections 5-6 (the rules ``check-trt`` enforces), for ``Mat
 * ``bits > 4``: int8 codes ``[K, N]``; per-channel scale ``[N]`` on ``axis=1`` (output
   channel), or a scalar scale (per-tensor, no axis);
 * ``bits <= 4``: int4 codes ``[K, N]`` (3-bit codes fit int4 exactly); group scales
-  ``[ceil(K/G), N]`` with ``axis=0, block_size=G`` (a ragged last block is allowed by ONNX);
+  ``[ceil(K/G), N]`` with ``axis=0, block_size=G``. ONNX allows a ragged last block
+  (K % G != 0, K > G) but TensorRT's parser does not (it infers the block as K / rows):
+  :func:`ragged_blocks` finds such layers and ``ExportConfig.ragged_int4`` says what they
+  become (float weights, exact; int8 per-channel weights, re-quantized; or int4 for ONNX Runtime);
 * symmetric only: no weight zero point (DequantizeLinear's default 0), as TensorRT requires;
 * activation scale: a scalar in the graph's float type (fp16 graph -> fp16 scale); the
   pass adds the int8 zero point 0.
@@ -74,3 +77,27 @@ def activation_scale(layer: LayerQuant, float_dtype: np.dtype) -> np.ndarray | N
     if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"input scale {scale}; activation scales must be finite and > 0")
     return np.array(scale, dtype=float_dtype)
+
+
+def ragged_blocks(layer: LayerQuant) -> bool:
+    """An int4 group-quantized layer whose K is not a whole number of groups (TensorRT cannot parse it).
+
+    K <= G is one block covering all of K, which TensorRT infers correctly.
+    """
+    k = int(layer.weight_codes.shape[1])
+    return (layer.weight_bits <= 4 and layer.granularity == "group"
+            and k > layer.group_size and k % layer.group_size != 0)
+
+
+def int8_channel_qdq(weight: np.ndarray, float_dtype: np.dtype) -> tuple[WeightQDQ, float]:
+    """Symmetric int8 per-output-channel codes of a float ``[N, K]`` weight, and the largest rounding error.
+
+    Used for ragged int4 layers under ``ragged_int4: int8``: the input is the state's
+    dequantized int4 weight, so the graph differs from the state by at most half an int8 step per row.
+    """
+    w = weight.astype(np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1), np.float32(1e-8)) / np.float32(127)
+    scale = scale.astype(float_dtype).astype(np.float32)  # the scale the graph stores
+    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    error = float(np.abs(codes.astype(np.float32) * scale[:, None] - w).max()) if w.size else 0.0
+    return WeightQDQ(np.ascontiguousarray(codes.T), scale.astype(float_dtype), None, 1, None), error

@@ -35,7 +35,7 @@ def answerer_for_engines(engines: Path, bundle: Path | None = None,
 
     ``bundle`` (an ONNX bundle directory) overrides where the processor is read from.
     """
-    from ..build.trt_runner import tensorrt_runner
+    from ..engine.trt_runner import tensorrt_runner
 
     runner = tensorrt_runner(Path(engines))
     processor = read_bundle(Path(bundle)).load_processor() if bundle is not None else None

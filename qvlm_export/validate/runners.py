@@ -62,7 +62,7 @@ def cast_runner(inner: Any, dtype: np.dtype):
 
 def trt_graph_runner(engines: Path, graph: str, reference_dtype: np.dtype):
     """The TensorRT candidate for one graph (issue 7's runner), adapted to the reference's float dtype."""
-    from ..build.trt_runner import graph_runner
+    from ..engine.trt_runner import graph_runner
     from ..runtime.bundle import read_bundle
 
     info = read_bundle(Path(engines) / "bundle")

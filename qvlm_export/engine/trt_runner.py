@@ -79,6 +79,7 @@ class TrtEngineSet:
 
     def _load_runners(self) -> dict[tuple[str, int], Any]:
         from polygraphy.backend.trt import EngineFromPath, TrtRunner
+        from polygraphy.exception import PolygraphyException
 
         from .environment import require_tensorrt
 
@@ -89,13 +90,20 @@ class TrtEngineSet:
                 path = self.engine_dir / entry["file"]
                 if not path.is_file():
                     raise QvlmError(f"{self.engine_dir}: engine file {entry['file']!r} is missing; rebuild the engines")
-                engine = EngineFromPath(str(path))()
-                if engine is None:
-                    raise QvlmError(f"{path}: TensorRT could not deserialize the engine; rebuild it on this machine")
-                for phase in range(len(entry["optimization_profiles"])):
-                    runner = TrtRunner(engine, name=f"{graph}-{phase}", optimization_profile=phase)
-                    runner.activate()
-                    runners[(graph, phase)] = runner
+                phases = len(entry["optimization_profiles"])
+                try:
+                    # Polygraphy raises (never returns None) when deserialization fails
+                    engine = EngineFromPath(str(path))()
+                    for phase in range(phases):
+                        # one context per profile: "profile" sizes its device memory to that profile's
+                        # max shapes, where the default "static" reserves the largest of every profile
+                        runner = TrtRunner(engine, name=f"{graph}-{phase}", optimization_profile=phase,
+                                           allocation_strategy="profile" if phases > 1 else None)
+                        runner.activate()
+                        runners[(graph, phase)] = runner
+                except PolygraphyException as exc:
+                    raise QvlmError(f"{path}: TensorRT could not load the {graph} engine ({last_line(exc)}); "
+                                    f"rebuild it on this machine with `qvlm-export build`") from None
         except BaseException:
             for runner in runners.values():
                 runner.deactivate()
@@ -131,9 +139,23 @@ class TrtEngineSet:
 
     def _run_chunk(self, graph: str, phase: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed_shapes(self.manifest, graph, phase, feeds, where=str(self.engine_dir))
+        from polygraphy.exception import PolygraphyException
+
         contiguous = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+        try:
+            outputs = self._runners[(graph, phase)].infer(contiguous)
+        except PolygraphyException as exc:  # e.g. "failed to set shape", execute_async_v3 failed
+            shapes = {name: list(array.shape) for name, array in feeds.items()}
+            raise QvlmError(f"{self.engine_dir}: TensorRT could not run the {graph} engine on shapes {shapes} "
+                            f"({last_line(exc)}); check the shapes against the manifest's profiles") from None
         # copy: Polygraphy runners may reuse their output buffers on the next call
-        return {name: np.array(value) for name, value in self._runners[(graph, phase)].infer(contiguous).items()}
+        return {name: np.array(value) for name, value in outputs.items()}
+
+
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """The last non-empty line of an exception message (Polygraphy's carry the TensorRT log before it)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]
 
 def input_metadata(manifest: dict[str, Any], graph: str):
     """Polygraphy ``TensorMetadata`` of one engine from its manifest: dtypes, and None on dynamic axes."""

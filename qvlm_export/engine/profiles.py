@@ -14,6 +14,14 @@ strongly typed networks take precision from the graph's dtypes and Q/DQ nodes::
     hardware_compatibility: none   # none | ampere_plus | same_compute_capability
     version_compatible: false
     graph_dtype: fp16              # which bundle variant to build: fp32 | fp16
+    size_from_bundle: false        # true: max_prompt/max_context from the bundle (below)
+    text_tokens: 256               # longest expected text around one image (size_from_bundle)
+    new_tokens: 256                # longest expected answer (size_from_bundle)
+    decoder_logits: last           # last: prefill returns [batch, 1, vocab] (.last_token); all: every position
+
+``load_profile("auto")`` is the edge profile with ``size_from_bundle: true``;
+``"auto:server"`` (or ``auto:<path>``) sizes another base profile. ``plan_build`` then
+derives max_prompt / max_context from the bundle (:mod:`.fit`).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ PROFILE_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 GRAPH_DTYPES = ("fp32", "fp16")
+DECODER_LOGITS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ class BuildProfile:
     hardware_compatibility: str = "none"
     version_compatible: bool = False
     graph_dtype: str = "fp16"
+    size_from_bundle: bool = False  # plan_build sizes max_prompt/max_context from the bundle (.fit)
+    text_tokens: int = 256  # longest expected text around one image (size_from_bundle only)
+    new_tokens: int = 256  # longest expected answer (size_from_bundle only)
+    decoder_logits: str = "last"  # last: the engine's logits are the last position's (.last_token); all: every one
     version: int = PROFILE_VERSION
 
     @property
@@ -96,7 +109,8 @@ def profile_from_dict(raw: Any, source: str = "profile") -> BuildProfile:
     reject_unknown_keys(raw, BuildProfile, source)
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise QvlmError(f"{source}: 'name' must be a non-empty string")
-    for key in ("max_batch", "opt_batch", "max_prompt", "opt_prompt", "workspace_mib", "opt_context"):
+    for key in ("max_batch", "opt_batch", "max_prompt", "opt_prompt", "workspace_mib", "opt_context",
+                "text_tokens", "new_tokens"):
         _check_int(raw, key, source, 1)
     _check_int(raw, "max_context", source, 2)
     _check_int(raw, "builder_optimization_level", source, 0, 5)
@@ -105,10 +119,13 @@ def profile_from_dict(raw: Any, source: str = "profile") -> BuildProfile:
     if profile.hardware_compatibility not in HARDWARE_LEVELS:
         raise QvlmError(f"{source}: hardware_compatibility must be one of {list(HARDWARE_LEVELS)}, "
                         f"got {profile.hardware_compatibility!r}")
+    if profile.decoder_logits not in DECODER_LOGITS:
+        raise QvlmError(f"{source}: decoder_logits must be one of {list(DECODER_LOGITS)}, got {profile.decoder_logits!r}")
     if profile.graph_dtype not in GRAPH_DTYPES:
         raise QvlmError(f"{source}: graph_dtype must be one of {list(GRAPH_DTYPES)}, got {profile.graph_dtype!r}")
-    if not isinstance(profile.version_compatible, bool):
-        raise QvlmError(f"{source}: version_compatible must be true or false")
+    for key in ("version_compatible", "size_from_bundle"):
+        if not isinstance(getattr(profile, key), bool):
+            raise QvlmError(f"{source}: {key} must be true or false")
     if profile.timing_cache is not None and not isinstance(profile.timing_cache, str):
         raise QvlmError(f"{source}: timing_cache must be a path string or null")
     _check_order(profile, source)
@@ -132,6 +149,14 @@ def builtin_profiles() -> list[str]:
 
 
 def load_profile(spec: str | Path) -> BuildProfile:
-    """A profile from a YAML path or a built-in name (``edge``, ``server``)."""
+    """A profile from a YAML path or a built-in name (``edge``, ``server``).
+
+    ``auto`` / ``auto:<name or path>``: that profile (edge by default) sized from the bundle
+    when the build is planned (``size_from_bundle``).
+    """
+    text = str(spec)
+    if text == "auto" or text.startswith("auto:"):
+        base = load_profile(text[len("auto:"):] or "edge")
+        return dataclasses.replace(base, name=f"auto:{base.name}", size_from_bundle=True)
     path = named_yaml(spec, PROFILES_DIR, "build profile")
     return profile_from_dict(parse_yaml(path.read_text(), str(path)), source=str(path))

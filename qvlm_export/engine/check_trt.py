@@ -33,6 +33,8 @@ RULES: dict[str, str] = {
                                "(MatMul B[K,N]: axis 1; Gemm transB=1 / Conv: axis 0)",
     "int4-weight-only-blocked": "use int4 only for constant 2-D weights with DequantizeLinear(block_size=G, one blocked "
                                 "axis) and an even last dimension; keep activations in int8 or float",
+    "int4-even-blocks": "keep Linears whose K is not a multiple of the group size out of int4 (export with "
+                        "ragged_int4: float, the default, or int8), or quantize with a group size that divides K",
     "quantized-type": "quantize to signed int8 (or int4 weights); TensorRT has no uint8/int16 Q/DQ",
     "scale-dtype": "cast scales to the graph's compute dtype (fp16 graph -> fp16 scales) so DQ outputs match "
                    "their consumers",
@@ -213,6 +215,11 @@ def _check_blocked(node: onnx.NodeProto, qtype: int | None, shape: tuple[int, ..
     if tuple(scale_shape) != expected:
         return [(rule, f"scale shape {list(scale_shape)} is not one blocked axis of weight {list(shape)} "
                        f"(axis {axis}, block {block}: expected {list(expected)})")]
+    k = shape[axis]
+    if k > block and k % block:
+        # TensorRT's parser infers the block as K / scale rows and needs it whole and equal to block_size
+        return [("int4-even-blocks", f"int4 weight {list(shape)}: K = {k} is not a multiple of block_size {block} "
+                                     f"(a ragged last block of {k % block}); TensorRT's parser rejects it")]
     return []
 
 

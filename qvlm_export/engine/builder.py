@@ -70,9 +70,14 @@ Compiler = Callable[[EngineSpec, BuildProfile, "Path | None"], Any]
 
 
 def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
-    """Which engines to build from which files, with the shapes of every optimization profile."""
+    """Which engines to build from which files, with the shapes of every optimization profile.
+
+    A ``size_from_bundle`` profile is sized from the bundle first; any profile that cannot
+    hold one image prompt, or needs a tensor over 2^31-1 elements, is refused (:mod:`.fit`).
+    """
     from ..families import family_for
     from ..runtime.bundle import read_bundle
+    from .fit import check_fits, derive_profile, hf_config
 
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -82,7 +87,11 @@ def plan_build(bundle: Path, profile: BuildProfile) -> BuildPlan:
         raise QvlmError(f"bundle {str(bundle)!r} has {info.dtype} graphs but profile {profile.name!r} builds "
                         f"{profile.graph_dtype} engines; export with --dtype {profile.graph_dtype} or set "
                         f"graph_dtype: {info.dtype} in the profile")
-    specs, tiles = [], family_for(info.model.family).max_tiles(info.model.image_layout)
+    tiles, config = family_for(info.model.family).max_tiles(info.model.image_layout), hf_config(bundle)
+    if profile.size_from_bundle:
+        profile = derive_profile(info, profile, tiles, config)
+    check_fits(info, profile, tiles, config)  # before any graph is read or engine built
+    specs = []
     for graph in GRAPHS:
         source = info.graph_path(graph)
         inputs = read_graph_inputs(source)
@@ -125,6 +134,7 @@ def engine_manifest(plan: BuildPlan, env: TrtEnvironment, out_dir: Path, timing_
         "tensorrt": {"version": env.tensorrt_version},
         "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability},
         "profile_hash": plan.profile.digest(),
+        "decoder_logits": plan.profile.decoder_logits,  # last: [batch, 1, vocab] (.last_token)
         "bundle": {"path": str(plan.bundle.resolve()), "inputs_digest": digest(sources),
                    "manifest_sha256": sha256_file(bundle_manifest) if bundle_manifest.is_file() else None},
         "engines": {spec.graph: spec.describe(plan.bundle) for spec in plan.engines},
@@ -150,17 +160,33 @@ def build_engines(bundle: Path, profile: BuildProfile, out: Path, *, timing_cach
         cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(Path(out)) as tmp:
         for spec in plan.engines:
-            engine = compile_one(spec, profile, cache)
+            engine = compile_one(_engine_source(spec, plan.profile, tmp / ".graphs"), plan.profile, cache)
             with open(tmp / spec.engine_file, "wb") as f:
                 f.write(engine)  # bytes or TensorRT's IHostMemory (a buffer)
+        shutil.rmtree(tmp / ".graphs", ignore_errors=True)
         _copy_bundle_metadata(plan.bundle, tmp / "bundle")
         write_manifest(tmp, engine_manifest(plan, env, tmp, cache, check))
     return Path(out)
 
 
+def _engine_source(spec: EngineSpec, profile: BuildProfile, scratch: Path) -> EngineSpec:
+    """The spec TensorRT compiles: the decoder with last-token logits (``decoder_logits: last``), else as planned.
+
+    The bundle's own files are never edited (.last_token writes a copy under ``scratch``).
+    """
+    if spec.graph != "decoder" or profile.decoder_logits != "last":
+        return spec
+    import dataclasses
+
+    from .last_token import write_last_token_decoder
+
+    return dataclasses.replace(spec, source=write_last_token_decoder(spec.source, scratch / spec.graph))
+
+
 def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path | None) -> Any:
     """Serialize one strongly typed engine through Polygraphy's TensorRT loaders (needs TensorRT + GPU)."""
     from .environment import require_tensorrt
+    from .trt_runner import last_line
 
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
@@ -187,9 +213,11 @@ def compile_engine(spec: EngineSpec, profile: BuildProfile, timing_cache: Path |
     network = NetworkFromOnnxPath(str(spec.source), strongly_typed=True)
     try:
         return EngineBytesFromNetwork(network, config=config, save_timing_cache=cache)()
-    except PolygraphyException as exc:
+    except (PolygraphyException, ValueError) as exc:
+        # ValueError: TensorRT's IOptimizationProfile.set_shape on shapes it refuses (Polygraphy's
+        # Profile.to_trt calls it while CreateConfig runs, inside this call)
         raise QvlmError(f"TensorRT could not build the {spec.graph} engine from {spec.source.name}: "
-                        f"{str(exc).strip().splitlines()[-1][:300]}; run `qvlm-export check-trt` on the bundle "
+                        f"{last_line(exc)}; run `qvlm-export check-trt` on the bundle "
                         f"and see the TensorRT log above") from None
 
 
