@@ -108,7 +108,7 @@ def _text(text_ref: TextReference, info: BundleInfo, spec: CandidateSpec, config
     makers = [(mode, lambda mode=mode: ort_runner(info, mode, config.threads, config.int4_accuracy_level))
               for mode in config.runners]
     if spec.engines is not None:
-        from ..build.trt_runner import tensorrt_runner
+        from ..engine.trt_runner import tensorrt_runner
 
         makers.append(("tensorrt", lambda: tensorrt_runner(Path(spec.engines))))
     return [text_parity(name, text_ref, runner_scores(make(), text_ref.windows), info.setting, thresholds)
