@@ -100,19 +100,17 @@ def _task(reference: Reference, info: BundleInfo, spec: CandidateSpec, config: V
     return results, errors
 
 
-def _text(text_ref: TextReference, info: BundleInfo, spec: CandidateSpec, config: ValidateConfig,
-          thresholds: ThresholdConfig):
-    """Perplexity ratio and next-token agreement of each candidate runner against the reference's scores."""
+def _text(text_ref: TextReference, info: BundleInfo, config: ValidateConfig, thresholds: ThresholdConfig):
+    """Perplexity ratio and next-token agreement of each ONNX Runtime mode against the reference's scores.
+
+    TensorRT engines compute last-token logits only (``decoder_logits: last``): text runs on ORT.
+    """
     from ..runtime.ort_runner import ort_runner
 
-    makers = [(mode, lambda mode=mode: ort_runner(info, mode, config.threads, config.int4_accuracy_level))
-              for mode in config.runners]
-    if spec.engines is not None:
-        from ..engine.trt_runner import tensorrt_runner
-
-        makers.append(("tensorrt", lambda: tensorrt_runner(Path(spec.engines))))
-    return [text_parity(name, text_ref, runner_scores(make(), text_ref.windows), info.setting, thresholds)
-            for name, make in makers]
+    return [text_parity(mode, text_ref, runner_scores(ort_runner(info, mode, config.threads,
+                                                                 config.int4_accuracy_level), text_ref.windows),
+                        info.setting, thresholds)
+            for mode in config.runners]
 
 
 def _layers(spec: CandidateSpec, config: ValidateConfig) -> dict[str, Any] | None:
@@ -155,7 +153,7 @@ def validate_candidate(reference: Reference, spec: CandidateSpec, info: BundleIn
             result.export_checks["runtime"] = errors
     if text_ref is not None and text_ref.scores is not None:
         log(f"{name}: perplexity and next-token agreement on {text_ref.scores.tokens} tokens of English text")
-        result.text = _text(text_ref, info, spec, config, thresholds)
+        result.text = _text(text_ref, info, config, thresholds)
     elif text_ref is not None:
         result.text_skipped = text_ref.skipped
     log(f"{name}: per-layer data")
