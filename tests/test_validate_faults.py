@@ -50,7 +50,7 @@ def test_correct_w8a8_bundle_matches_its_simulated_model(w8a8_faults):
     # Layer by layer (each graph layer fed its simulated layer's input): float rounding only.
     layers = {(x["graph"], x["layer"]) for x in checks["fidelity_layers"]}
     assert {("vision", "0"), ("decoder", "0"), ("decoder", "3"), ("decoder", "tail")} <= layers
-    assert min(float(x["stats"]["sqnr_db"]) for x in checks["fidelity_layers"]) >= 60
+    assert min(float(x["stats"]["sqnr_db"]) for x in checks["fidelity_layers"]) >= 70
     fidelity = _fidelity(correct)
     assert set(fidelity) >= {"vision/image_features", "embed/inputs_embeds", "decoder/logits", "decoder/present.3.value"}
     # Float rounding plus the odd int8 rounding-boundary flip: above the 40 dB cap, whatever the quantization.
@@ -74,7 +74,7 @@ def test_each_fault_fails_export_and_names_what_broke(w8a8_faults, fault, names)
 def test_activation_scale_fault_is_found_in_its_layer(w8a8_faults):
     checks = _candidates(w8a8_faults)["activation-scale-x2"]["export_checks"]
     failed = [x for x in checks["fidelity_layers"] if not x["passed"]]
-    assert failed and all(float(x["stats"]["sqnr_db"]) < 30 for x in failed)
+    assert failed and all(float(x["stats"]["sqnr_db"]) < 55 for x in failed)
     assert len(checks["layers"]) == len(failed) and "against its simulated layer on the same input" in checks["layers"][0]
 
 
