@@ -13,23 +13,30 @@ from . import app
 def verify_command(
     dirs: Annotated[list[str], typer.Argument(help="artifact directories (quant state, bundle, engines, report, run)")],
 ) -> None:
-    """One line per directory: 'ok KIND N files' or what changed; exit 1 if any was modified, 2 if one is not an artifact."""
+    """One line per directory: 'ok KIND N files' or what failed; exit 1 if any was modified or lost its
+    manifest.json, 2 if one does not exist or is not a directory."""
     from pathlib import Path
 
-    from ..errors import ArtifactModified, QvlmError
+    from ..errors import ArtifactModified, CheckFailed, QvlmError
     from ..manifest import verify_tree
 
     code = 0
     for d in dirs:
         try:
+            if not Path(d).is_dir():
+                raise QvlmError(f"{d!r} {'is not a directory' if Path(d).exists() else 'does not exist'}; pass "
+                                "artifact directories written by qvlm-export")
             kind, count = verify_tree(Path(d))
         except ArtifactModified as exc:
-            typer.echo(f"{d}: MODIFIED: {exc}")
+            typer.echo(f"{d}: FAILED: {exc}")
             code = max(code, 1)
         except QvlmError as exc:
-            typer.echo(f"{d}: error: {exc}", err=True)
+            typer.echo(f"{d}: {exc}")
             code = 2
         else:
             typer.echo(f"{d}: ok {kind} {count} files")
-    if code:
-        raise typer.Exit(code)
+    if code == 2:
+        raise QvlmError("a path above is not an artifact directory; pass directories written by qvlm-export")
+    if code == 1:
+        raise CheckFailed("verification failed for the directories marked FAILED above; re-create them with the "
+                          "stage that wrote them")
