@@ -281,10 +281,10 @@ def check_output_file(path: Path, flag: str = "--json") -> None:
     path = Path(path)
     if path.is_dir():
         raise QvlmError(f"{flag} {str(path)!r} is a directory; pass a file path such as {str(path / 'out.json')!r}")
-    check_output_dir(path.parent, flag=flag, parent_only=False)
+    _check_writable_ancestor(path, flag)
 
 
-def check_output_dir(out: Path, flag: str = "--out", parent_only: bool = True) -> None:
+def check_output_dir(out: Path, flag: str = "--out") -> None:
     """Refuse, before any model is loaded, an output directory that cannot be created or replaced.
 
     The nearest existing ancestor must be a writable directory (``out`` itself is replaced through a
@@ -292,15 +292,19 @@ def check_output_dir(out: Path, flag: str = "--out", parent_only: bool = True) -
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise QvlmError(f"{flag} {str(out)!r} exists and is a file; choose a directory path")
-    probe = out.parent if parent_only else out
+        raise QvlmError(f"{flag} {str(out)!r} is a file, not a directory; choose a directory path")
+    _check_writable_ancestor(out, flag)
+
+
+def _check_writable_ancestor(path: Path, flag: str) -> None:
+    probe = path.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise QvlmError(f"{flag} {str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+        raise QvlmError(f"{flag} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
                         "choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise QvlmError(f"{flag} {str(out)!r} cannot be written: no write permission on {str(probe)!r}; "
+        raise QvlmError(f"{flag} {str(path)!r} cannot be written: no write permission on {str(probe)!r}; "
                         "choose a directory you can write or fix its permissions")
 
 

@@ -28,16 +28,16 @@ STALE_PATTERNS = (".*.partial", "*/.*.partial", "*/*/.*.partial", ".*.tmp")
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[Path]:
     """Hold ``out/.lock`` exclusively for the block; a second run into ``out`` fails in one line."""
-    with output_lock(out, keep=True) as lock:
+    with output_lock(out) as lock:
         yield lock
 
 
 @contextlib.contextmanager
-def output_lock(out: Path, keep: bool = False) -> Iterator[Path]:
+def output_lock(out: Path) -> Iterator[Path]:
     """The lock every writer of ``--out`` takes (run, quantize, export, build, validate): ``out/.lock``.
 
-    ``keep`` False (a stage whose ``out`` is replaced atomically) removes the lock file, and the
-    directories made for it, on release, so a refused or failed stage leaves nothing behind.
+    On release the lock file, and the directories made for it, are removed (a stage replaces
+    ``out`` atomically anyway), so a refused or failed command leaves nothing behind.
     """
     out = Path(out)
     made = []
@@ -45,24 +45,23 @@ def output_lock(out: Path, keep: bool = False) -> Iterator[Path]:
     while not probe.exists() and probe != probe.parent:
         made.append(probe)
         probe = probe.parent
-    out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
     fd = _acquire(lock, out)
     try:
         yield lock
     finally:
-        if not keep:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):  # after an atomic replace it is another's
+                lock.unlink()
+        for path in made:  # deepest first; only if still empty
             with contextlib.suppress(OSError):
-                if os.path.samestat(os.fstat(fd), os.stat(lock)):  # after an atomic replace it is another's
-                    lock.unlink()
-            for path in made:  # deepest first; only if still empty
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+                path.rmdir()
         os.close(fd)  # releases the lock
 
 
 def _acquire(lock: Path, out: Path) -> int:
     while True:
+        out.mkdir(parents=True, exist_ok=True)  # (again: a releasing holder may just have removed it)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

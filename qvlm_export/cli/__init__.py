@@ -31,6 +31,7 @@ app = typer.Typer(
 _COMMAND_MODULES = ("data_cmd", "eval_cmd", "quantize_cmd", "export_cmd", "build_cmd", "validate_cmd", "run_cmd",
                     "verify_cmd")
 _debug = False
+INTERRUPTED = "interrupted; nothing was written to --out, re-run the command"
 
 
 @app.callback()
@@ -106,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         # ``verification`` restores what --no-verify changed (tests call main() many times per process)
         with verification(verification_enabled()):
             code = app(args=argv, prog_name="qvlm-export", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt/Abort) into a returned 130 itself
+            return _error(INTERRUPTED, 130)
         return code if isinstance(code, int) else 0
     except QvlmError as exc:
         return _error(str(exc), exc.exit_code, exc)
     except _classes("Exit") as exc:
         return exc.exit_code
     except (*_classes("Abort"), KeyboardInterrupt) as exc:
-        return _error("interrupted; nothing was written to --out, re-run the command", 130, exc)
+        return _error(INTERRUPTED, 130, exc)
     except _classes("ClickException") as exc:  # usage errors: missing/unknown option, bad value
         return _usage_error(exc)
     except OSError as exc:

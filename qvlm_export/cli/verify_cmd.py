@@ -20,7 +20,7 @@ def verify_command(
     from ..errors import ArtifactModified, CheckFailed, QvlmError
     from ..manifest import verify_tree
 
-    code = 0
+    code, first = 0, ""
     for d in dirs:
         try:
             if not Path(d).is_dir():
@@ -29,14 +29,11 @@ def verify_command(
             kind, count = verify_tree(Path(d))
         except ArtifactModified as exc:
             typer.echo(f"{d}: FAILED: {exc}")
-            code = max(code, 1)
+            code, first = max(code, 1), first or str(exc)
         except QvlmError as exc:
             typer.echo(f"{d}: {exc}")
-            code = 2
+            code, first = 2, str(exc) if code < 2 else first
         else:
             typer.echo(f"{d}: ok {kind} {count} files")
-    if code == 2:
-        raise QvlmError("a path above is not an artifact directory; pass directories written by qvlm-export")
-    if code == 1:
-        raise CheckFailed("verification failed for the directories marked FAILED above; re-create them with the "
-                          "stage that wrote them")
+    if code:  # the stderr line: the (first) worst problem; stdout has one line per directory
+        raise (QvlmError if code == 2 else CheckFailed)(first)
