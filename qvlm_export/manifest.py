@@ -276,6 +276,23 @@ def public_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~current_umask()
 
 
+def follow_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes the umask allows (0755/0644 under 022).
+
+    Writers that go through a temporary file (mkstemp, safetensors' own atomic save) create
+    0600 files, which a later pipeline stage running as another user cannot read.
+    """
+    directory, file = public_mode(directory=True), public_mode(directory=False)
+    os.chmod(root, directory)
+    for base, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(base, name), directory)
+        for name in files:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.chmod(path, directory if os.stat(path).st_mode & 0o100 else file)  # keeps executables
+
+
 def check_output_file(path: Path, flag: str = "--json") -> None:
     """Refuse, before any work, a file output that is a directory or whose directory cannot be written."""
     path = Path(path)
@@ -335,8 +352,8 @@ def atomic_directory(out_dir: Path, overwrite: bool = True) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
-        os.chmod(tmp, public_mode(directory=True))
         yield tmp
+        follow_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -128,7 +128,7 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise QvlmError(f"--set {item!r}: expected section.key=value, e.g. validate.eval_samples=50")
+            raise QvlmError(f"--set {item!r} is not an assignment; pass section.key=value, e.g. validate.eval_samples=50")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:

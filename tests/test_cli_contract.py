@@ -163,10 +163,14 @@ def test_artifacts_follow_the_umask(tmp_path):
         assert current_umask() == 0o027
         with atomic_directory(tmp_path / "a") as tmp:
             (tmp / "f").write_text("x")
+            os.close(os.open(tmp / "saved-via-mkstemp", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors does
+            (tmp / "sub").mkdir(mode=0o700)
         atomic_write_text(tmp_path / "j.json", "{}")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o750
+    assert [stat.S_IMODE((tmp_path / "a" / n).stat().st_mode) for n in ("f", "saved-via-mkstemp", "sub")] == [
+        0o640, 0o640, 0o750]
     assert stat.S_IMODE((tmp_path / "j.json").stat().st_mode) == 0o640
     with atomic_directory(tmp_path / "b"):
         pass

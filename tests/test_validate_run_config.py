@@ -50,7 +50,7 @@ def test_bad_config_is_one_actionable_line(raw, match):
 
 
 def test_bad_set_and_bad_recipe_override(tmp_path):
-    with pytest.raises(QvlmError, match="expected section.key=value"):
+    with pytest.raises(QvlmError, match="is not an assignment; pass section.key=value"):
         load_run_config(None, ["validate.eval_samples"])
     with pytest.raises(QvlmError, match="does not exist"):
         load_run_config(tmp_path / "nope.yaml")

@@ -18,13 +18,20 @@ def check_trt_command(
 ) -> None:
     """Static check of every TensorRT Q/DQ rule (no TensorRT needed); exit 1 on violations or when the bundle's
     files do not match its manifest.json (a missing manifest included; --no-verify checks a plain folder)."""
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
 
     from ..build.check_trt import check_path
+    from ..errors import QvlmError
     from ..manifest import verify_directory
 
     require_path(path, "PATH", kind="any", what="an ONNX bundle directory or an .onnx file")
+    if Path(path).is_file() and (Path(path).suffix != ".onnx" or Path(path).stat().st_size == 0):
+        # protobuf parses an empty file as an empty model, which breaks no rule: found by tests/test_fuzz_cli.py
+        raise QvlmError(f"{path!r} is not an ONNX model (an empty file or not .onnx); pass an .onnx file or a "
+                        "bundle directory")
     with writing(None, json_out):
         with verification_is_the_check():
             verify_directory(path)

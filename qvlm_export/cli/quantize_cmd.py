@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .options import Device, OutDir, Progress, require_path, writing
+from .options import Device, OutDir, Progress, writing
 
 
 @app.command("quantize")
@@ -28,7 +28,7 @@ def quantize_command(
     from ..manifest import check_output_dir
     from ..search.api import quantize
 
-    require_path(model, "--model", what="a Hugging Face model directory")
+    # (the recipe, its method_args and --model are checked by quantize() itself, before the load)
     if checkpoint_dir is not None:
         check_output_dir(Path(checkpoint_dir), flag="--checkpoint-dir")
     with writing(out):
