@@ -16,8 +16,7 @@ def check_trt_command(
     json_out: JsonOut = None,
     no_verify: NoVerify = False,
 ) -> None:
-    """Static check of every TensorRT Q/DQ rule (no TensorRT needed); exit 1 on violations or when the bundle's
-    files do not match its manifest.json (a missing manifest included; --no-verify checks a plain folder)."""
+    """Static check of every TensorRT Q/DQ rule (no TensorRT needed); exit 1 on violations or manifest mismatch."""
     from pathlib import Path
 
     from rich.console import Console

@@ -33,8 +33,7 @@ def validate_command(
     reuse_reference: Annotated[str | None, typer.Option(help="polygraphy/ folder of an earlier report: skip the reference run")] = None,
     no_verify: NoVerify = False,
 ) -> None:
-    """Exit 0 when every threshold holds, 1 naming each failing graph/output/statistic/threshold or an artifact that
-    fails its manifest, 2 on bad input."""
+    """Exit 0 when every threshold holds, 1 naming each failing check (or manifest mismatch), 2 on bad input."""
     from pathlib import Path
 
     from ..validate.api import CandidateSpec, validate

@@ -13,8 +13,7 @@ from . import app
 def verify_command(
     dirs: Annotated[list[str], typer.Argument(help="artifact directories (quant state, bundle, engines, report, run)")],
 ) -> None:
-    """One line per directory: 'ok KIND N files' or what failed; exit 1 if any was modified or lost its
-    manifest.json, 2 if one does not exist or is not a directory."""
+    """One line per directory: 'ok KIND N files' or what failed; exit 1 modified or no manifest, 2 not a directory."""
     from pathlib import Path
 
     from ..errors import ArtifactModified, CheckFailed, QvlmError
