@@ -108,7 +108,7 @@ def test_fuzzed_argument_lists_keep_the_cli_contract(commands, data):
         assert "Traceback" not in err, (args, err)
         if code:
             lines = err.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: ") and "; " in lines[0], (args, err)
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
             assert "internal error" not in lines[0], (args, err)  # a bug, not a refusal
             assert tree(root) == before, (args, err, tree(root))
     finally:

@@ -34,9 +34,9 @@ def test_file_then_options_then_set(tmp_path):
 
 
 @pytest.mark.parametrize("raw, match", [
-    ({"quantize": {"settings": ["w9a9"]}}, "quantize.settings must list settings"),
+    ({"quantize": {"settings": ["w9a9"]}}, "names an unknown setting; list settings from"),
     ({"quantise": {}}, "unknown key 'quantise'"),
-    ({"build": {"engines": "maybe"}}, "build.engines must be one of"),
+    ({"build": {"engines": "maybe"}}, "build.engines is .maybe.; use one of"),
     ({"validate": {"runners": ["turbo"]}}, "runners must be a non-empty subset"),
     ({"validate": {"eval_samplez": 3}}, "unknown key 'eval_samplez'"),
     ({"export": [1]}, "export must be a mapping"),
