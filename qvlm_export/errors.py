@@ -17,10 +17,14 @@ class QvlmError(Exception):
         super().__init__(" ".join(message.split()))
 
 
-class ParityFailure(QvlmError):
-    """Validation ran fine but a parity threshold failed: exit code 1."""
+class CheckFailed(QvlmError):
+    """The check ran and the artifact failed it (validate, verify, check-trt): exit code 1."""
 
     exit_code = 1
+
+
+class ParityFailure(CheckFailed):
+    """Validation ran fine but a parity threshold failed: exit code 1."""
 
 
 class ArtifactModified(QvlmError):

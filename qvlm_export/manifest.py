@@ -24,6 +24,8 @@ from typing import Any
 from . import __version__
 from .errors import ArtifactModified, QvlmError
 
+# Held (flock) by the writer of an output directory; never part of an artifact's files.
+LOCK_FILE = ".lock"
 TRACKED_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "polygraphy", "numpy", "safetensors", "tensorrt")
 
 
@@ -72,8 +74,8 @@ def hash_tree(path: Path, hash_files: bool = True) -> dict[str, str]:
     one = sha256_file if hash_files else (lambda _: "")
     if path.is_file():
         return {path.name: one(path)}
-    return {str(p.relative_to(path)): one(p)
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return {str(p.relative_to(path)): one(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and p.relative_to(path) != Path(LOCK_FILE)}
 
 
 def digest(hashes: dict[str, str]) -> str:
@@ -188,14 +190,25 @@ def verify_artifact(artifact_dir: Path, kind: str | None = None, verify: bool | 
     added file. Hashes are cached per process, so repeated loads cost a ``stat`` per file.
     """
     if should_verify(verify) and not (Path(artifact_dir) / "manifest.json").is_file():
-        raise QvlmError(f"{str(artifact_dir)!r} has no manifest.json, so its files cannot be checked; it is not a "
-                        "qvlm-export artifact directory (re-create it, or pass --no-verify to load it unchecked)")
+        # a deleted manifest must not switch verification off: it fails like a modified file
+        raise ArtifactModified(f"{str(Path(artifact_dir) / 'manifest.json')!r} is missing, so the files of "
+                               f"{str(artifact_dir)!r} cannot be checked; re-create the artifact with qvlm-export, "
+                               "or pass --no-verify to use it unchecked")
     manifest = read_manifest(artifact_dir, kind)
     if should_verify(verify):
         problem = manifest_mismatch(Path(artifact_dir), manifest)
         if problem is not None:
             raise ArtifactModified(problem)
     return manifest
+
+
+def verify_directory(path: Path) -> None:
+    """Before a check reads ``path``: a directory is verified against its manifest.json, which must exist.
+
+    Files and missing paths are left to the caller; ``--no-verify`` (the process-wide setting) skips it.
+    """
+    if verification_enabled() and Path(path).is_dir():
+        verify_artifact(Path(path), verify=True)
 
 
 def verify_tree(artifact_dir: Path) -> tuple[str, int]:
@@ -250,13 +263,82 @@ def refresh_manifest_outputs(artifact_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(directory: bool) -> int:
+    """What ``open``/``mkdir`` would give under the umask (0644/0755 under 022): mkstemp/mkdtemp give 0600/0700,
+    which a later pipeline stage running as another user cannot read."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def follow_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes the umask allows (0755/0644 under 022).
+
+    Writers that go through a temporary file (mkstemp, safetensors' own atomic save) create
+    0600 files, which a later pipeline stage running as another user cannot read.
+    """
+    directory, file = public_mode(directory=True), public_mode(directory=False)
+    os.chmod(root, directory)
+    for base, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(base, name), directory)
+        for name in files:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.chmod(path, directory if os.stat(path).st_mode & 0o100 else file)  # keeps executables
+
+
+def check_output_file(path: Path, flag: str = "--json") -> None:
+    """Refuse, before any work, a file output that is a directory or whose directory cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise QvlmError(f"{flag} {str(path)!r} is a directory; pass a file path such as {str(path / 'out.json')!r}")
+    _check_writable_ancestor(path, flag)
+
+
+def check_output_dir(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any model is loaded, an output directory that cannot be created or replaced.
+
+    The nearest existing ancestor must be a writable directory (``out`` itself is replaced through a
+    sibling temporary, so its parent is what must be writable); a file on the way is named.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QvlmError(f"{flag} {str(out)!r} is a file, not a directory; choose a directory path")
+    _check_writable_ancestor(out, flag)
+
+
+def _check_writable_ancestor(path: Path, flag: str) -> None:
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise QvlmError(f"{flag} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+                        "choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QvlmError(f"{flag} {str(path)!r} cannot be written: no write permission on {str(probe)!r}; "
+                        "choose a directory you can write or fix its permissions")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise QvlmError(f"{str(path)!r} is a directory; pass a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, public_mode(directory=False))
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -271,6 +353,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
         yield tmp
+        follow_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QvlmError
-from .manifest import atomic_write_text, build_manifest, write_manifest
+from .manifest import atomic_write_text, build_manifest, check_output_dir, write_manifest
 from .pipeline_config import RunConfig
 from .quant.recipe import RECIPES_DIR, SETTINGS, TENSORRT_SETTINGS, QuantRecipe, recipe_from_dict
 from .validate.report import ValidationReport
@@ -218,6 +218,7 @@ def run_pipeline(config: RunConfig, log: Log | None = None, progress: bool = Tru
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise QvlmError(f"--out {str(out)!r} is a file; choose a directory")
+    check_output_dir(out)
     with run_lock(out):
         for path in remove_stale_temps(out):
             log(f"removed {path} (left by an interrupted run)")

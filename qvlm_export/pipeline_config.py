@@ -101,14 +101,15 @@ def run_config_from_dict(raw: dict[str, Any] | None, source: str = "run config")
     q = _section(QuantizeOptions, quantize, f"{source}: quantize")
     bad = [s for s in q.settings if s not in SETTINGS]
     if bad or not q.settings:
-        raise QvlmError(f"{source}: quantize.settings must list settings from {list(SETTINGS)}, got {list(q.settings)}")
+        raise QvlmError(f"{source}: quantize.settings {list(q.settings)} names an unknown setting; list settings from "
+                        f"{list(SETTINGS)}")
     simulated = [s for s in q.settings if not SETTINGS[s][3]]
     if simulated:
         raise QvlmError(f"{source}: {simulated[0]} is simulated only and cannot be exported; choose deployable "
                         f"settings from {[s for s, row in SETTINGS.items() if row[3]]}")
     build = _section(BuildOptions, raw.get("build"), f"{source}: build")
     if build.engines not in ENGINE_MODES:
-        raise QvlmError(f"{source}: build.engines must be one of {list(ENGINE_MODES)}, got {build.engines!r}")
+        raise QvlmError(f"{source}: build.engines is {build.engines!r}; use one of {list(ENGINE_MODES)}")
     not_trt = [s for s in q.settings if s not in TENSORRT_SETTINGS]
     if build.engines == "required" and not_trt:
         raise QvlmError(f"{source}: build.engines is 'required' but {not_trt[0]} is not a TensorRT format (it runs on "
@@ -128,7 +129,7 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise QvlmError(f"--set {item!r}: expected section.key=value, e.g. validate.eval_samples=50")
+            raise QvlmError(f"--set {item!r} is not an assignment; pass section.key=value, e.g. validate.eval_samples=50")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:

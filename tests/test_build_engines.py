@@ -213,7 +213,7 @@ def test_cli_dry_run_prints_the_plan(bundle, capsys):
 
 def test_cli_build_errors(bundle, tmp_path, capsys):
     assert main(["build", "--bundle", str(tmp_path / "nope"), "--profile", "edge", "--out", "x"]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(["build", "--bundle", str(bundle), "--profile", "tiny-gpu", "--out", "x"]) == 2
     assert "build profile 'tiny-gpu' not found" in capsys.readouterr().err
     assert main(["build", "--bundle", str(bundle), "--profile", "edge"]) == 2

@@ -155,9 +155,12 @@ def test_check_path_on_bundle_dir_and_cli_exit_codes(tmp_path, capsys):
     onnx.save(linear_model(dtype=TensorProto.FLOAT16), bundle / "fp16" / "vision.onnx")
     report = check_path(bundle)
     assert report.ok and report.graphs == ["fp16/vision.onnx", "vision.onnx"] and report.qdq_nodes == 6
-    assert main(["check-trt", str(bundle), "--json", str(tmp_path / "r.json")]) == 0
+    # a folder without manifest.json is an unverifiable bundle: a failed check unless --no-verify says so
+    assert main(["check-trt", str(bundle), "--json", str(tmp_path / "r.json")]) == 1
+    assert f"{bundle / 'manifest.json'}' is missing" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    assert main(["check-trt", str(bundle), "--no-verify", "--json", str(tmp_path / "r.json")]) == 0
     onnx.save(linear_model(w_axis=0), bundle / "decoder.onnx")
-    assert main(["check-trt", str(bundle)]) == 1
+    assert main(["check-trt", str(bundle), "--no-verify"]) == 1
     out = capsys.readouterr().out
     assert "w_dq" in out and "per-channel-weight-axis" in out and "decoder.onnx" in out
     assert main(["check-trt", str(tmp_path / "missing")]) == 2

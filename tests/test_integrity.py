@@ -120,7 +120,7 @@ def test_cli_loads_fail_in_one_line_and_no_verify_runs(artifacts, tmp_path, caps
     assert err.startswith("error: quant state") and "state.json was modified after quantize" in err
     assert "\n" not in err and not (tmp_path / "out").exists()
     flip_byte(bundle / "onnx/vision_encoder_int8.onnx")
-    assert main(["check-trt", str(bundle)]) == 2
+    assert main(["check-trt", str(bundle)]) == 1  # check-trt's own check failed: 1, like a rule violation
     assert "onnx/vision_encoder_int8.onnx was modified after export" in capsys.readouterr().err
     assert main(["check-trt", str(bundle), "--no-verify"]) == 0
     assert main(["eval", "--bundle", str(bundle), "--data", "builtin:eval:2"]) == 2
@@ -139,8 +139,9 @@ def test_verify_command_exit_codes(artifacts, tiny_bundle, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith(f"ok quant-state {n_quant} files") and "onnx/embed_tokens.onnx was modified after export" in lines[1]
     (tmp_path / "plain").mkdir()
-    assert main(["verify", str(tmp_path / "plain")]) == 2
-    assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "plain")]) == 1  # a deleted manifest fails verification
+    assert f"{tmp_path / 'plain' / 'manifest.json'}' is missing" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "absent")]) == 2
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     assert main(["verify", str(tmp_path / "bad")]) == 2

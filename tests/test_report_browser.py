@@ -21,7 +21,8 @@ from _onnx_models import activation_scales, feeds, fp_mlp, mlp_weights, w8a8_mlp
 from qvlm_export.data.synthetic import make_split  # noqa: E402
 from qvlm_export.evaluate.accuracy import score  # noqa: E402
 from qvlm_export.validate.parity import compare_graph, run_reference  # noqa: E402
-from qvlm_export.validate.report import CandidateResult, ValidationReport, write_report_files  # noqa: E402
+from qvlm_export.validate.report import CandidateResult, ValidationReport  # noqa: E402
+from qvlm_export.validate.report_files import write_report_files  # noqa: E402
 from qvlm_export.validate.task import task_parity  # noqa: E402
 from qvlm_export.validate.thresholds import load_thresholds, thresholds_from_dict  # noqa: E402
 

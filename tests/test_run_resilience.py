@@ -27,9 +27,10 @@ def test_a_second_run_into_the_same_out_is_refused_in_one_line(tmp_path, capsys)
     out = tmp_path / "run"
     with run_lock(out):
         assert main(["run", "--out", str(out), "--method", "rtn", "--settings", "w8a8", "--no-progress"]) == 2
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else was touched
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {str(out)!r} is in use by another qvlm-export run (pid {os.getpid()}" in err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else was touched
+    assert not out.exists()  # the holder made out/ for its lock; releasing it leaves nothing behind
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):

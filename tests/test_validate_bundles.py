@@ -118,7 +118,7 @@ def test_bad_input_exits_2_with_one_line(bundles, good_report, capsys):
     root, t = bundles["root"], bundles["thresholds"]
     cases = [
         ((bundles["w8a8"], bundles["w8a8"], root / "r1", t), "is a quantized (w8a8) bundle"),
-        ((bundles["fp"], root / "missing", root / "r2", t), "is not an ONNX bundle"),
+        ((bundles["fp"], root / "missing", root / "r2", t), "does not exist; pass --candidate"),
         ((bundles["fp"], bundles["w8a8"], root / "r3", t, "--runners", "faithful,turbo"), "runners must be"),
         ((bundles["fp"], bundles["w8a8"], root / "r4", t, "--quant", str(bundles["fp"])), "hash differs"),
         ((bundles["fp"], bundles["w8a8"], root / "r5", t, "--calib-samples", "8",

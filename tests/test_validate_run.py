@@ -44,6 +44,9 @@ def test_run_writes_every_stage_and_ends_with_table_and_report_path(tmp_path, ca
     # The terminal ends with the summary table and the report path.
     assert "qvlm-export validation" in stdout and "skipped" in stdout
     reason = run["skipped"][0].split("skipped: ", 1)[1]
-    assert stdout.count(reason[:40]) == 1  # said once (stage table), not again per candidate
+    # in the stage table and in the headline, which names what the verdict covers; not again per candidate
+    assert stdout.count(reason[:40]) == 2 and f"PASSED on ONNX Runtime (faithful, fast); TensorRT not run: {reason}" \
+        in " ".join(stdout.split())
+    assert report["headline"] == f"PASSED on ONNX Runtime (faithful, fast); TensorRT not run: {reason}"
     assert "Linears quantized" in stdout and "x FP)" in stdout and "acc " in stdout  # what each stage produced
     assert stdout.rstrip().splitlines()[-1].startswith(f"report: {Path(out) / 'report' / 'report.html'}")

@@ -34,9 +34,9 @@ def test_file_then_options_then_set(tmp_path):
 
 
 @pytest.mark.parametrize("raw, match", [
-    ({"quantize": {"settings": ["w9a9"]}}, "quantize.settings must list settings"),
+    ({"quantize": {"settings": ["w9a9"]}}, "names an unknown setting; list settings from"),
     ({"quantise": {}}, "unknown key 'quantise'"),
-    ({"build": {"engines": "maybe"}}, "build.engines must be one of"),
+    ({"build": {"engines": "maybe"}}, "build.engines is .maybe.; use one of"),
     ({"validate": {"runners": ["turbo"]}}, "runners must be a non-empty subset"),
     ({"validate": {"eval_samplez": 3}}, "unknown key 'eval_samplez'"),
     ({"export": [1]}, "export must be a mapping"),
@@ -50,7 +50,7 @@ def test_bad_config_is_one_actionable_line(raw, match):
 
 
 def test_bad_set_and_bad_recipe_override(tmp_path):
-    with pytest.raises(QvlmError, match="expected section.key=value"):
+    with pytest.raises(QvlmError, match="is not an assignment; pass section.key=value"):
         load_run_config(None, ["validate.eval_samples"])
     with pytest.raises(QvlmError, match="does not exist"):
         load_run_config(tmp_path / "nope.yaml")

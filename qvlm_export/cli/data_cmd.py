@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from . import app
+from .options import OutDir, require_path, writing
 
 
 @app.command("data")
 def data_command(
-    out: Annotated[Path, typer.Option(help="directory to write images/ and manifest.jsonl into")],
+    out: OutDir,
     split: Annotated[str, typer.Option(help="calib | eval | train")] = "eval",
     n: Annotated[int | None, typer.Option(min=1, help="number of samples (required for train)")] = None,
 ) -> None:
@@ -22,20 +23,24 @@ def data_command(
 
     spec = f"builtin:{split}" + (f":{n}" if n else "")
     samples = load_dataset(spec)
-    with atomic_directory(out) as tmp:
-        write_manifest(samples, tmp)
-    typer.echo(f"wrote {len(samples)} samples to {out / 'manifest.jsonl'}")
+    with writing(out):
+        with atomic_directory(Path(out)) as tmp:
+            write_manifest(samples, tmp)
+    typer.echo(f"wrote {len(samples)} samples to {Path(out) / 'manifest.jsonl'}")
 
 
 @app.command("lmms-task")
 def lmms_task_command(
-    data: Annotated[Path, typer.Option(help="JSONL manifest (qvlm-export data writes one)")],
-    out: Annotated[Path, typer.Option(help="directory for the task YAML and its utils module")],
+    data: Annotated[str, typer.Option(help="JSONL manifest (qvlm-export data writes one)")],
+    out: Annotated[str, typer.Option(help="directory for the task YAML and its utils module")],
     name: Annotated[str, typer.Option(help="task name for lmms-eval --tasks")] = "qvlm_vqa",
 ) -> None:
     """Write an lmms-eval task over a JSONL manifest (run it with lmms-eval --include_path OUT --tasks NAME)."""
     from ..evaluate.lmms_task import write_task
+    from ..manifest import check_output_dir
 
-    path = write_task(data, out, name)
+    require_path(data, "--data", kind="file", what="a JSONL manifest (qvlm-export data writes one)")
+    check_output_dir(Path(out))
+    path = write_task(Path(data), Path(out), name)
     typer.echo(f"wrote {path}: lmms-eval --model qvlm_export --model_args bundle=B --include_path {out} "
                f"--tasks {name}")

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from . import NO_VERIFY_HELP, app, apply_verify
+from . import app
+from .options import JsonOut, NoVerify, require_path, writing
 
 
 @app.command("eval")
@@ -20,38 +21,47 @@ def eval_command(
     int4_accuracy_level: Annotated[int | None, typer.Option(
         help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples")] = None,
-    json_out: Annotated[str | None, typer.Option("--json", help="write {overall, by_type, n} here")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples (at most the data's)")] = None,
+    json_out: JsonOut = None,
     text: Annotated[bool, typer.Option(help="also the language model's perplexity on English text (real-LM models)")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Greedy exact-match accuracy, per question type and overall."""
     import dataclasses
 
-    apply_verify(no_verify)
     from rich.console import Console
     from rich.table import Table
 
     from ..data.manifest import load_dataset
+    from ..errors import QvlmError
     from ..evaluate.accuracy import evaluate
     from ..evaluate.backends import make_answerer
 
-    samples = load_dataset(data, limit=limit)
-    answerer, info = make_answerer(model=model, quant=quant, bundle=bundle, engines=engines, mode=mode,
-                                   int4_accuracy=int4_accuracy_level)
-    result = evaluate(answerer, samples, batch_size=batch_size)
-    table = Table(title=f"accuracy ({info.get('backend', '?')}, setting {info.get('setting', 'fp')})")
+    for value, flag in ((model, "--model"), (quant, "--quant"), (bundle, "--bundle"), (engines, "--engines")):
+        require_path(value, flag)
+    with writing(None, json_out):
+        samples = load_dataset(data)
+        if limit is not None and limit > len(samples):  # refused, not clamped: n is what the result claims
+            raise QvlmError(f"--limit {limit} is more than the {len(samples)} samples in {data!r}; pass --limit "
+                            f"{len(samples)} or less, or leave it out")
+        samples = samples[:limit] if limit is not None else samples
+        answerer, info = make_answerer(model=model, quant=quant, bundle=bundle, engines=engines, mode=mode,
+                                       int4_accuracy=int4_accuracy_level)
+        result = evaluate(answerer, samples, batch_size=batch_size)
+        if text:
+            from ..evaluate.text import answerer_text_scores
+
+            scores = answerer_text_scores(answerer)
+            result = dataclasses.replace(result, text={"perplexity": scores.perplexity, "tokens": scores.tokens})
+        if json_out:
+            result.write_json(json_out)
+    table = Table(title=f"accuracy ({info.get('backend', '?')}, setting {info.get('setting', 'fp')}, "
+                        f"n={len(samples)} of {data})")
     table.add_column("question type")
     table.add_column("accuracy", justify="right")
     for qtype, acc in result.by_type.items():
         table.add_row(qtype, f"{acc:.4f}")
     table.add_row("overall", f"{result.overall:.4f}", style="bold")
-    if text:
-        from ..evaluate.text import answerer_text_scores
-
-        scores = answerer_text_scores(answerer)
-        table.add_row(f"perplexity ({scores.tokens} tokens of English)", f"{scores.perplexity:.4f}")
-        result = dataclasses.replace(result, text={"perplexity": scores.perplexity, "tokens": scores.tokens})
+    if result.text is not None:
+        table.add_row(f"perplexity ({result.text['tokens']} tokens of English)", f"{result.text['perplexity']:.4f}")
     Console().print(table)
-    if json_out:
-        result.write_json(json_out)

@@ -6,30 +6,34 @@ from typing import Annotated
 
 import typer
 
-from . import NO_VERIFY_HELP, app, apply_verify
+from . import app
+from .options import NoVerify, OutDir, require_path, writing
 
 
 @app.command("export")
 def export_command(
-    out: Annotated[str, typer.Option(help="bundle directory to write (replaced atomically)")],
+    out: OutDir,
     model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: the model the "
                                                    "quant state records, else the embedded model)")] = None,
     quant: Annotated[str | None, typer.Option(help="quant-state directory (default: the FP reference bundle)")] = None,
     dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT) | auto (fp16 for "
                                             "fp16/bf16 checkpoints, loaded without an fp32 copy)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Export vision, embed and decoder graphs with Q/DQ from a quant state, plus bundle.json and the processor."""
-    apply_verify(no_verify)
     import json
     from pathlib import Path
 
     from ..export.api import export_bundle
     from ..export.config import ExportConfig
 
-    path = export_bundle(model=model, quant=quant, out=out, dtype=dtype, config=ExportConfig(opset=opset),
-                         log=lambda line: typer.echo(line, err=True))
+    require_path(model, "--model", what="a Hugging Face model directory")
+    require_path(quant, "--quant", what="a quant-state directory written by `qvlm-export quantize`")
+    config = ExportConfig(opset=opset)
+    with writing(out):
+        path = export_bundle(model=model, quant=quant, out=out, dtype=dtype, config=config,
+                             log=lambda line: typer.echo(line, err=True))
     bundle = json.loads((Path(path) / "bundle.json").read_text())
     sizes = ", ".join(f"{g} {d['weight_bytes']['total'] / 1e6:.2f} MB" for g, d in sorted(bundle["graphs"].items()))
     typer.echo(f"wrote {path}: setting {bundle['quant']['setting']}, {bundle['dtype']}, opset {bundle['opset']} "
@@ -43,18 +47,16 @@ def generate_command(
     question: Annotated[str, typer.Option(help="the question to ask about the image")],
     mode: Annotated[str, typer.Option(help="ONNX Runtime session mode: faithful | fast")] = "faithful",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Answer one question about one image greedily on ONNX Runtime and print the answer."""
-    apply_verify(no_verify)
     from pathlib import Path
 
     from ..data.images import open_image
-    from ..errors import QvlmError
     from ..runtime.factory import answerer_for_bundle
 
-    if not Path(image).is_file():
-        raise QvlmError(f"image {image!r} does not exist; pass --image with a PNG or JPEG file")
+    require_path(bundle, "--bundle", what="an ONNX bundle directory written by `qvlm-export export`")
+    require_path(image, "--image", kind="file", what="a PNG or JPEG file")
     picture = open_image(image)
     answerer, _ = answerer_for_bundle(Path(bundle), mode=mode, max_new_tokens=max_new_tokens)
     with answerer:

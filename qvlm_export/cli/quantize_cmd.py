@@ -7,27 +7,33 @@ from typing import Annotated
 import typer
 
 from . import app
+from .options import Device, OutDir, Progress, writing
 
 
 @app.command("quantize")
 def quantize_command(
     recipe: Annotated[str, typer.Option(help="recipe name (e.g. awq-w4a16, see calibration/recipes/) or YAML path")],
-    out: Annotated[str, typer.Option(help="quant-state directory to write (replaced atomically)")],
+    out: OutDir,
     model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: embedded model)")] = None,
     calib: Annotated[str, typer.Option(help="calibration data: builtin:calib, builtin:calib:N or a JSONL manifest")] = "builtin:calib",
-    device: Annotated[str | None, typer.Option(help="cuda | cpu (default: cuda when available)")] = None,
+    device: Device = None,
     checkpoint_dir: Annotated[str | None, typer.Option(help="resume/checkpoint directory for long searches")] = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar per block")] = True,
+    progress: Progress = True,
     dtype: Annotated[str, typer.Option(help="load/calibration dtype: auto (the checkpoint's) | fp32 | fp16 | bf16")] = "auto",
 ) -> None:
     """Quantize with RTN, SmoothQuant, AWQ, GPTQ, Q-VLM, QIG, Q-ViT or Q-VLM+QIG+Q-ViT; evaluate the result with 'eval --quant'."""
     import json
     from pathlib import Path
 
+    from ..manifest import check_output_dir
     from ..search.api import quantize
 
-    path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
-                    checkpoint_dir=checkpoint_dir, dtype=dtype)
+    # (the recipe, its method_args and --model are checked by quantize() itself, before the load)
+    if checkpoint_dir is not None:
+        check_output_dir(Path(checkpoint_dir), flag="--checkpoint-dir")
+    with writing(out):
+        path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
+                        checkpoint_dir=checkpoint_dir, dtype=dtype)
     meta = json.loads((Path(path) / "state.json").read_text())
     seconds = json.loads((Path(path) / "manifest.json").read_text()).get("search_seconds", 0)
     kind = "deployable" if meta["deployable"] else "simulated only"

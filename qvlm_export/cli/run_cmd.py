@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from . import NO_VERIFY_HELP, app, apply_verify
+from . import app
+from .options import Device, NoVerify, Progress
 
 # CLI option -> run-config key; every other key is reachable with --set section.key=value or --config.
 OPTION_KEYS = {
@@ -28,6 +29,7 @@ def cli_overrides(given: dict[str, object]) -> list[str]:
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     config: Annotated[str | None, typer.Option("--config", help="run config YAML (see qvlm_export/pipeline_config.py)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override any config key: section.key=value (repeatable)")] = None,
     model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: embedded model)")] = None,
@@ -35,7 +37,7 @@ def run_command(
     method: Annotated[str | None, typer.Option(help="quantization method (default: qvlm)")] = None,
     settings: Annotated[str | None, typer.Option(help="comma-separated deployable settings (default: w8a8,w4a16)")] = None,
     calib: Annotated[str | None, typer.Option(help="calibration data (default: builtin:calib)")] = None,
-    device: Annotated[str | None, typer.Option(help="search device: cuda | cpu")] = None,
+    device: Device = None,
     calib_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples of the search")] = None,
     iterations: Annotated[int | None, typer.Option(min=1, help="search iterations per block (Q-VLM)")] = None,
     profile: Annotated[str | None, typer.Option(help="TensorRT build profile: edge | server | YAML")] = None,
@@ -44,19 +46,15 @@ def run_command(
     parity_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples fed to graph parity")] = None,
     thresholds: Annotated[str | None, typer.Option(help="parity thresholds YAML")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
-    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    progress: Progress = True,
+    no_verify: NoVerify = False,
 ) -> None:
     """Embedded model + built-in calibration set -> Q-VLM W8A8 and W4A16 -> ONNX -> ORT/TensorRT -> validated report."""
-    apply_verify(no_verify)
     from ..pipeline import run_pipeline
     from ..pipeline_config import load_run_config
     from .validate_view import console, fail_on, print_report
 
-    given = {"model": model, "out": out, "method": method, "settings": settings, "calib": calib, "device": device,
-             "calib_samples": calib_samples, "iterations": iterations, "profile": profile, "engines": engines,
-             "eval_samples": eval_samples, "parity_samples": parity_samples, "thresholds": thresholds,
-             "threads": threads}
+    given = {name: ctx.params[name] for name in OPTION_KEYS}  # the options above that map to config keys
     resolved = load_run_config(config, [*cli_overrides(given), *(set_ or [])])
     term = console()
     result = run_pipeline(resolved, log=lambda m: term.log(m), progress=progress)

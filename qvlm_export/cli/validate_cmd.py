@@ -6,14 +6,15 @@ from typing import Annotated
 
 import typer
 
-from . import NO_VERIFY_HELP, app, apply_verify
+from . import app
+from .options import NoVerify, OutDir, require_path, verification_is_the_check, writing
 
 
 @app.command("validate")
 def validate_command(
     reference: Annotated[str, typer.Option(help="FP ONNX bundle, or a Hugging Face model directory (exported to FP here)")],
     candidate: Annotated[str, typer.Option(help="quantized ONNX bundle written by `qvlm-export export --quant`")],
-    out: Annotated[str, typer.Option(help="report directory (report.json, report.html, polygraphy/, manifest.json)")],
+    out: OutDir,
     engines: Annotated[str | None, typer.Option(help="TensorRT engine directory of the candidate (`qvlm-export build`)")] = None,
     quant: Annotated[str | None, typer.Option(help="the candidate's quant state: adds per-layer error and Q-VLM plots")] = None,
     thresholds: Annotated[str | None, typer.Option(help="thresholds YAML (default: the packaged file for the embedded model, bounds derived from round-to-nearest on the same model for any other)")] = None,
@@ -32,10 +33,9 @@ def validate_command(
     int4_accuracy_level: Annotated[int | None, typer.Option(
         help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
     reuse_reference: Annotated[str | None, typer.Option(help="polygraphy/ folder of an earlier report: skip the reference run")] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    no_verify: NoVerify = False,
 ) -> None:
-    """Exit 0 when every threshold holds, 1 naming each failing graph/output/statistic/threshold, 2 on bad input."""
-    apply_verify(no_verify)
+    """Exit 0 when every threshold holds, 1 naming each failing check (or manifest mismatch), 2 on bad input."""
     from pathlib import Path
 
     from ..validate.api import CandidateSpec, validate
@@ -47,11 +47,18 @@ def validate_command(
         "eval_data": data, "eval_samples": eval_samples, "runners": runners, "task": task,
         "layer_errors": layer_errors, "thresholds": thresholds, "threads": threads,
         "int4_accuracy_level": int4_accuracy_level, "text": text, "text_tokens": text_tokens}, source="validate")
+    require_path(reference, "--reference", what="an FP ONNX bundle or a Hugging Face model directory")
+    require_path(candidate, "--candidate", what="an ONNX bundle written by `qvlm-export export`")
+    for value, flag in ((engines, "--engines"), (quant, "--quant"), (reuse_reference, "--reuse-reference")):
+        require_path(value, flag)
+    if thresholds is not None:
+        require_path(thresholds, "--thresholds", kind="file", what="a thresholds YAML file")
     skipped = () if engines else ("tensorrt: skipped: no --engines given",)
     spec = CandidateSpec(bundle=Path(candidate), engines=Path(engines) if engines else None,
                          quant=Path(quant) if quant else None, skipped=skipped)
     out_console = console()
-    report = validate(reference, [spec], out, config, reuse_reference=reuse_reference,
-                      log=lambda m: out_console.log(m), progress=True)
+    with writing(out), verification_is_the_check():
+        report = validate(reference, [spec], out, config, reuse_reference=reuse_reference,
+                          log=lambda m: out_console.log(m), progress=True)
     print_report(report, out_console, Path(out))
     fail_on(report)

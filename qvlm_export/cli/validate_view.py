@@ -8,7 +8,7 @@ from rich.markup import escape
 
 from ..errors import ParityFailure
 from ..validate.report import ValidationReport
-from ..validate.summary import failure_sentence
+from ..validate.summary import failure_sentence, headline
 
 MAX_LINES = 20
 
@@ -65,6 +65,9 @@ def print_report(report: ValidationReport, out, report_dir: Path, said: frozense
                           _fmt(t.reference.overall if t else None), _fmt(t.identical if t else None),
                           "[green]PASS[/]" if ok else "[red]FAIL[/]")
     out.print(table)
+    data = report.to_json()
+    out.print(f"[bold {'green' if report.passed else 'red'}]{escape(headline(data))}[/]", highlight=False,
+              soft_wrap=True)
     for line, names in skipped_once(report).items():
         if line in said:
             continue
@@ -76,7 +79,7 @@ def print_report(report: ValidationReport, out, report_dir: Path, said: frozense
         out.print(f"{escape(c.name)}: {verdicts}" + (f" (fidelity {escape(fidelity)})" if fidelity else ""),
                   highlight=False, soft_wrap=True)
     out.print(f"quality bounds: {escape(report.thresholds.source)}", highlight=False, soft_wrap=True)
-    out.print(escape(failure_sentence(report.to_json())), highlight=False, soft_wrap=True)
+    out.print(escape(failure_sentence(data)), highlight=False, soft_wrap=True)
     failures = report.failures()
     for line in failures[:MAX_LINES]:
         out.print(f"[red]FAIL[/] {escape(line)}", highlight=False, soft_wrap=True)

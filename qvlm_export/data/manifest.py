@@ -54,7 +54,7 @@ def read_manifest(path: Path) -> list[Sample]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise QvlmError(f"{where}: not valid JSON ({exc.msg})") from None
+            raise QvlmError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(row, dict):
             raise QvlmError(f"{where}: each line must be a JSON object with fields {list(REQUIRED_FIELDS)}")
         missing = [f for f in REQUIRED_FIELDS if f not in row]

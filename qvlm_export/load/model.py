@@ -31,9 +31,15 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if not config_file.is_file():
         raise QvlmError(f"{str(path)!r} has no config.json; it is not a Hugging Face model directory")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise QvlmError(f"{config_file} is not valid JSON ({exc.msg}); re-save the model") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    quantized = config.get("quantization_config") if isinstance(config, dict) else None
+    if quantized:  # transformers would load it through bitsandbytes/GPTQ kernels and refuse .float()
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise QvlmError(f"{str(path)!r} is an already-quantized checkpoint (config.json quantization_config, "
+                        f"{method}); pass the unquantized FP16/BF16/FP32 model it was made from")
     if model_type not in FAMILIES:
         raise QvlmError(
             f"{str(path)!r} is a {model_type!r} model, not a LLaVA-family model "
@@ -85,6 +91,11 @@ def load_vlm(model: str | Path | None = None, device: str = "cpu", dtype: str = 
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QvlmError(f"could not load the model in {str(path)!r}: {first}") from None
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise QvlmError(f"the weights in {str(path)!r} do not match its config.json (tensor shapes differ from "
+                        f"what the config describes); re-save the model or fix config.json") from None
     processor.tokenizer.padding_side = "left"
     return LoadedVLM(model=vlm.to(device).eval(), processor=processor, path=path)
 

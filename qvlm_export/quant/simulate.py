@@ -14,6 +14,9 @@ def load_simulated(state_dir: Path, model: str | None = None) -> tuple[LoadedVLM
     """The model the state records (or ``model``) with the state applied, plus a description."""
     state = load_state(state_dir)
     vlm = load_vlm(model if model is not None else state.model_path)
+    from ..export.api import check_state_fits  # (lazy: the exporter pulls in onnx)
+
+    check_state_fits(vlm.model, state, vlm.path, Path(state_dir))  # a state of another model: one line
     apply_quant_state(vlm.model, state)
     install_from_extras(vlm.model, state.extras)  # graph additions of simulated-only options (Q-ViT's LayerNorm IRM)
     info = {"backend": "torch-simulated", "model": str(vlm.path), "method": state.recipe.method,

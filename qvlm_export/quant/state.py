@@ -111,6 +111,9 @@ def load_state(state_dir: Path, verify: bool | None = None) -> QuantState:
     from ..manifest import should_verify, verify_artifact
 
     state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        raise QvlmError(f"quant state {str(state_dir)!r} {'is a file' if state_dir.exists() else 'does not exist'}; "
+                        "pass the directory 'qvlm-export quantize --out' wrote")
     for required in ("quant.safetensors", "recipe.yaml", "state.json"):
         if not (state_dir / required).is_file():
             raise QvlmError(f"{str(state_dir)!r} is not a quant state: {required} is missing (write one with 'qvlm-export quantize')")

@@ -28,9 +28,18 @@ def calibration_samples(calib: str | Path, spec: CalibrationSpec) -> list[Sample
     """The recipe's ``samples`` calibration samples of ``calib`` (a seeded subset when it has more)."""
     from ..data.manifest import load_dataset
 
+    if spec.samples < 1 or spec.batch_size < 1:
+        raise QvlmError(f"recipe calibration.samples and batch_size must be at least 1, got {spec.samples} and "
+                        f"{spec.batch_size}; fix the recipe")
     samples = load_dataset(calib)
+    explicit = str(calib).startswith("builtin:") and str(calib).count(":") == 2
+    if len(samples) < spec.samples and not explicit:
+        # refused, not clamped: the state's recipe.yaml would claim samples it never saw
+        raise QvlmError(f"the recipe asks for calibration.samples {spec.samples} but {str(calib)!r} holds "
+                        f"{len(samples)}; set calibration.samples to at most {len(samples)} or pass --calib "
+                        "with more samples")
     if len(samples) <= spec.samples:
-        return samples
+        return samples  # builtin:calib:N chose N explicitly; the manifest records calibration_samples N
     keep = np.sort(np.random.default_rng(spec.seed).choice(len(samples), spec.samples, replace=False))
     return [samples[int(i)] for i in keep]
 
@@ -107,7 +116,7 @@ def quantize_identity(model_path: Path, rec: QuantRecipe, calib: str | Path, sam
 
 
 def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progress: bool,
-                      checkpoint_dir) -> tuple[QuantState, list[Sample] | None]:
+                      checkpoint_dir, samples: list[Sample] | None) -> tuple[QuantState, list[Sample] | None]:
     """The state and the samples it saw; data-free methods (weight-only RTN) read no data at all."""
     from ..quant.calibrate import quantize_without_data
 
@@ -116,7 +125,6 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
         state.extras["calibration"] = {"data": None, "samples": 0, "device": device,
                                        "why": "weight-only round-to-nearest reads no activations"}
         return state, None
-    samples = calibration_samples(calib, rec.calibration)
     blocks = block_weights(method, device)
     state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress)
     state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device,
@@ -146,11 +154,13 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     path = resolve_model_path(model)
     load_dtype = resolve_load_dtype(dtype, path)
     require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
+    data_free = getattr(method, "data_free", lambda: False)()
+    samples = None if data_free else calibration_samples(calib, rec.calibration)  # bad data fails before the load
     # per-block placement (and data-free methods) load on the host and move weights as they go
-    on_host = block_weights(method, device) or getattr(method, "data_free", lambda: False)()
+    on_host = block_weights(method, device) or data_free
     vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
     start = time.perf_counter()
-    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir)
+    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples)
     seconds = time.perf_counter() - start
     state.extras["load_dtype"] = load_dtype
     state = state_to_cpu(state)

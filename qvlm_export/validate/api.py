@@ -23,7 +23,8 @@ from .derived import derive_thresholds, packaged_thresholds_apply, reference_mod
 from .fidelity import SimulatedGraphs, compare_fidelity, resolve_source, with_fidelity
 from .parity import compare_graph
 from .reference import Reference, prepare_reference
-from .report import REPORT_KIND, CandidateResult, ValidationReport, write_report_files
+from .report import REPORT_KIND, CandidateResult, ValidationReport
+from .report_files import write_report_files
 from .static_checks import metadata_matches, weights_match_state
 from .task import task_parity
 from .text_parity import TextReference, runner_scores, text_parity, text_reference

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import plots
 from .stats import STAT_NAMES
-from .summary import failure_sentence, fmt_accuracy, fmt_bytes_vs_fp, fmt_decode, fmt_delta, summary_rows
+from .summary import failure_sentence, fmt_accuracy, fmt_bytes_vs_fp, fmt_decode, fmt_delta, headline, summary_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;
@@ -225,12 +225,14 @@ def _skipped_once(report: dict[str, Any]) -> str:
 def render_html(report: dict[str, Any]) -> str:
     """The whole page for a ``report.json`` mapping: the summary first, every detail below it."""
     passed = report["passed"]
+    # the badge's verdict never stands alone: the headline's rest says which runtimes it covers
+    runtimes = (report.get("headline") or headline(report)).split(" ", 1)[-1]
     failures = "".join(f"<li><code>{escape(f)}</code></li>" for f in report["failures"])
     ref = report["reference"]
     timings = ", ".join(f"{escape(k)} {v:.1f} s" for k, v in report.get("timings_s", {}).items())
     body = "".join([
         f'<h1>qvlm-export validation <span class="badge {"pass" if passed else "fail"}">'
-        f'{"PASSED" if passed else "FAILED"}</span></h1>',
+        f'{"PASSED" if passed else "FAILED"}</span> <small>{escape(runtimes)}</small></h1>',
         _summary_section(report), _skipped_once(report),
         f'<p class="muted">Reference: <code>{escape(str(ref.get("path")))}</code> ({escape(str(ref.get("kind")))}); '
         f'thresholds: <code>{escape(report["thresholds"]["source"])}</code>.'

@@ -2,15 +2,14 @@
 
 ``report.json`` is the machine-readable record (a release pipeline gates on ``passed`` or the
 exit code); ``report.html`` is rendered from the same JSON by :mod:`.html`, so the two cannot
-disagree. Both live in the validate artifact directory with a ``manifest.json``.
+disagree (:mod:`.report_files` writes both; this module imports neither, so the report's pieces
+import in one direction: report_files -> html -> summary -> report). Both live in the validate artifact directory with a ``manifest.json``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .parity import GraphParity
@@ -113,14 +112,3 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def write_report_files(report: ValidationReport, out_dir: Path) -> dict[str, Any]:
-    """Write ``report.json`` and ``report.html`` into ``out_dir``; return the JSON mapping."""
-    from .html import render_html
-
-    data = _json_safe(report.to_json())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    (out_dir / "report.html").write_text(render_html(data))
-    return data

@@ -149,6 +149,38 @@ def failure_sentence(report: dict) -> str:
     return "; ".join(parts) + tail + "."
 
 
+ORT_MODES = ("fidelity", "faithful", "fast", "drift")
+
+
+def _trt_reason(candidate: dict) -> str:
+    """Why a candidate has no TensorRT comparison: its first "tensorrt...: skipped: <why>" line."""
+    line = next((x for x in candidate.get("skipped", []) if x.startswith("tensorrt")), "")
+    return line.split("skipped:", 1)[-1].strip() if line else "no engines were compared"
+
+
+def headline(report: dict) -> str:
+    """PASSED/FAILED and on which runtimes, e.g. "PASSED on ONNX Runtime (faithful, fast); TensorRT not run:
+    no --engines given": a verdict never claims a runtime that was not compared."""
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    ran = {c["name"]: {o["comparison"] for g in c["graphs"] for o in g["outputs"]} | {t["runner"] for t in c["task"]}
+           for c in report["candidates"]}
+    modes = [m for m in ("faithful", "fast") if any(m in r for r in ran.values())]
+    ort = any(r & set(ORT_MODES) for r in ran.values())
+    parts = [f"ONNX Runtime ({', '.join(modes)})" if modes else "ONNX Runtime"] if ort else []
+    with_trt = [c for c in report["candidates"] if "tensorrt" in ran[c["name"]]]
+    without = [c for c in report["candidates"] if "tensorrt" not in ran[c["name"]]]
+    if with_trt:
+        parts.append("TensorRT" + (f" ({', '.join(c['name'] for c in with_trt)})" if without else ""))
+    head = f"{verdict} on {' and '.join(parts)}" if parts else f"{verdict} (no runtime compared)"
+    reasons: dict[str, list[str]] = {}
+    for c in without:
+        reasons.setdefault(_trt_reason(c), []).append(c["name"])
+    for why, names in reasons.items():
+        who = f" for {', '.join(names)}" if with_trt or len(reasons) > 1 else ""
+        head += f"; TensorRT not run{who}: {why}"
+    return head
+
+
 def fmt_bytes(n: int | None) -> str:
     if not n:
         return "-"

@@ -227,6 +227,7 @@ def load_thresholds(path: str | Path | None = None) -> ThresholdConfig:
     else:
         p = Path(path)
         if not p.is_file():
-            raise QvlmError(f"thresholds file {str(p)!r} does not exist; pass a YAML file or omit --thresholds")
+            what = "is not a regular file" if p.exists() else "does not exist"
+            raise QvlmError(f"thresholds file {str(p)!r} {what}; pass a YAML file or omit --thresholds")
         text, source = p.read_text(), str(p)
     return thresholds_from_dict(parse_yaml(text, source), source=source)
