@@ -43,6 +43,8 @@ SIMULATED_ARGS: dict[tuple[str, str], str] = {
     ("irm_form", "layernorm"): "Q-ViT's LayerNorm IRM adds normalisation nodes on q and k that the exported graph "
                                "does not carry; use irm_form: fold to export",
 }
+# method_args that change what is shown, never the result: split off into QuantRecipe.display on load
+DISPLAY_ARGS = ("progress",)
 # The settings TensorRT builds; W4A8 and W3A16 are ONNX Runtime formats (DESIGN.md section 4).
 TENSORRT_SETTINGS = ("w8a8", "w4a16")
 
@@ -77,6 +79,13 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class Display:
+    """How a search reports itself. Not part of the recipe's identity: toggling it must not redo a search."""
+
+    progress: bool = True  # a progress bar per block (and per search step where the method has one)
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     method: str
     setting: str
@@ -86,6 +95,8 @@ class QuantRecipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     method_args: dict[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
+    # Kept out of ==, to_dict (recipe.yaml, the manifest's identity, checkpoint fingerprints) on purpose.
+    display: Display = field(default_factory=Display, compare=False, repr=False)
 
     @property
     def simulated_by(self) -> str | None:
@@ -102,10 +113,15 @@ class QuantRecipe:
         return SETTINGS[self.setting][4] if why is None else f"simulated (fake-quant) only: {why}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["display"]
+        return d
 
     def with_method_args(self, **overrides: Any) -> QuantRecipe:
         return dataclasses.replace(self, method_args={**self.method_args, **overrides})
+
+    def with_display(self, **options: Any) -> QuantRecipe:
+        return dataclasses.replace(self, display=dataclasses.replace(self.display, **options))
 
 
 def _section(cls, raw: Any, where: str, defaults: dict[str, Any] | None = None):
@@ -141,11 +157,14 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
     method_args = raw.get("method_args") or {}
     if not isinstance(method_args, dict):
         raise QvlmError(f"{source}: method_args must be a mapping")
+    method_args = dict(method_args)
+    display = {key: method_args.pop(key) for key in DISPLAY_ARGS if key in method_args}
     return QuantRecipe(
         method=method, setting=setting, weights=weights, activations=acts,
         modules=_section(ModuleSpec, raw.get("modules"), f"{source}: modules"),
         calibration=_section(CalibrationSpec, raw.get("calibration"), f"{source}: calibration"),
-        method_args=dict(method_args),
+        method_args=method_args,
+        display=Display(**typed_fields(Display, display, f"{source}: method_args")),
     )
 
 

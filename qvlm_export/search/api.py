@@ -139,6 +139,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     from .registry import get_method
 
     rec = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    rec = rec.with_display(progress=progress and rec.display.progress)  # reaches the methods' per-block bars
     if rec.method == "fp":
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
     method = get_method(rec.method)(rec)

@@ -37,7 +37,7 @@ class QVLMPlus(QVLMMethod):
         source = f"recipe {recipe.method}-{recipe.setting}"
         self.plus, qvlm = combined_config(recipe.method_args, source)
         super().__init__(dataclasses.replace(recipe, method_args={}))
-        self.recipe, self.config = recipe, qvlm
+        self.recipe, self.config = recipe, dataclasses.replace(qvlm, progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if qvlm.seed is None else qvlm.seed
         self._pending: tuple[list, list] | None = None
         self._plain = False  # this pass is plain Q-VLM (choose_per_block)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...config_types import known_options
@@ -31,7 +31,7 @@ class QViTConfig:
         start, holdout: as Q-VLM's: the layer-wise solutions a block may start from, and the share
             of calibration batches that decide whether the searched block (with its IRM) replaces it.
         seed: search seed; ``None`` takes the recipe's calibration seed.
-        progress: show a progress bar per block.
+        progress: show a progress bar per block. Display only, as Q-VLM's (set from the recipe's ``display``).
     """
 
     vision_block_units: int = 0
@@ -45,10 +45,12 @@ class QViTConfig:
     start: tuple[str, ...] = ("rtn", "gptq", "gptq_mse")
     holdout: float = 0.25
     seed: int | None = None
-    progress: bool = True
+    progress: bool = field(default=True, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["progress"]
+        return d
 
 
 def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig:

@@ -51,7 +51,8 @@ class QViTMethod:
 
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.config = qvit_config(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}")
+        self.config = dataclasses.replace(qvit_config(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}"),
+                                          progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if self.config.seed is None else self.config.seed
         self.masks = None
 

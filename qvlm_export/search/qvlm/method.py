@@ -16,6 +16,7 @@ term for vision blocks; its statistics go to the state's ``qvlm_blocks`` extras.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 
@@ -45,7 +46,9 @@ class QVLMMethod:
 
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.config: QVLMConfig = config_from_args(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}")
+        self.config: QVLMConfig = dataclasses.replace(
+            config_from_args(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}"),
+            progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if self.config.seed is None else self.config.seed
         self.weights: dict[str, float] = {}
         self.masks: list[torch.Tensor] | None = None
