@@ -103,7 +103,7 @@ class _Timer:
 def preflight(config: RunConfig) -> dict[str, QuantRecipe]:
     """Every stage's options checked before any work starts: each setting's recipe and its method_args
     (the method's own config), the build profile, the thresholds file. Returns the recipes by setting."""
-    from .search.registry import get_method
+    from .search.registry import build_method
     from .validate.thresholds import load_thresholds
 
     q = config.quantize
@@ -114,7 +114,7 @@ def preflight(config: RunConfig) -> dict[str, QuantRecipe]:
             raise QvlmError(f"setting {setting!r} is simulated only (no deployable kernel); run cannot export it: "
                             "use 'qvlm-export quantize' and 'eval --quant' for simulated settings")
         if recipe.method != "fp":
-            get_method(recipe.method)(recipe)  # refuses unknown or mistyped method_args in one line
+            build_method(recipe)  # refuses unknown or mistyped method_args in one line
         recipes[setting] = recipe
     if config.build.engines != "off":
         from .build.profiles import load_profile
@@ -180,7 +180,7 @@ def _check_trt(bundles: dict[str, Path], out: Path, result: RunResult, stage: _T
 
 
 def _not_trt(setting: str) -> str:
-    return f"{setting} is not a TensorRT format; it runs on {SETTINGS[setting][4]}"
+    return f"{setting} is not a TensorRT format; it runs on {SETTINGS[setting].runs_on}"
 
 
 def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result: RunResult, stage: _Timer) -> None:

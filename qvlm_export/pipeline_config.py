@@ -108,17 +108,17 @@ def run_config_from_dict(raw: dict[str, Any] | None, source: str = "run config")
     bad = [s for s in q.settings if s not in SETTINGS]
     if bad or not q.settings:
         raise QvlmError(f"{source}: quantize.settings must list settings from {list(SETTINGS)}, got {list(q.settings)}")
-    simulated = [s for s in q.settings if not SETTINGS[s][3]]
+    simulated = [s for s in q.settings if not SETTINGS[s].deployable]
     if simulated:
         raise QvlmError(f"{source}: {simulated[0]} is simulated only and cannot be exported; choose deployable "
-                        f"settings from {[s for s, row in SETTINGS.items() if row[3]]}")
+                        f"settings from {[s for s, spec in SETTINGS.items() if spec.deployable]}")
     build = _section(BuildOptions, raw.get("build"), f"{source}: build")
     if build.engines not in ENGINE_MODES:
         raise QvlmError(f"{source}: build.engines must be one of {list(ENGINE_MODES)}, got {build.engines!r}")
     not_trt = [s for s in q.settings if s not in TENSORRT_SETTINGS]
     if build.engines == "required" and not_trt:
         raise QvlmError(f"{source}: build.engines is 'required' but {not_trt[0]} is not a TensorRT format (it runs on "
-                        f"{SETTINGS[not_trt[0]][4]}); use engines auto or drop it from quantize.settings")
+                        f"{SETTINGS[not_trt[0]].runs_on}); use engines auto or drop it from quantize.settings")
     export = raw.get("export") or {}
     if not isinstance(export, dict):
         raise QvlmError(f"{source}: export must be a mapping of export options")

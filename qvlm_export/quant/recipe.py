@@ -29,14 +29,33 @@ RECIPE_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm", "qig", "qvit", "qvlm_plus")
 
-# setting -> (weight bits, weight granularity, activation bits or None, deployable, runs on)
-SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {
-    "w8a8": (8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
-    "w4a16": (4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
-    "w4a8": (4, "group", 8, True, "ONNX Runtime (exact QDQ)"),
-    "w3a16": (3, "group", None, True, "ONNX Runtime (exact QDQ)"),
-    "w6a6": (6, "channel", 6, False, "simulated (fake-quant) only"),
-    "w4a4": (4, "channel", 4, False, "simulated (fake-quant) only"),
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What a setting name means: the recipe's defaults and where its exports run."""
+
+    weight_bits: int
+    weight_granularity: str  # channel | group
+    act_bits: int | None  # None: activations stay in floating point
+    deployable: bool  # False: simulated (fake-quant) only
+    runs_on: str
+
+    # Rows were 5-tuples; unpacking and indexing still read them in that order.
+    def __iter__(self):
+        return iter(dataclasses.astuple(self))
+
+    def __getitem__(self, index: int):
+        return dataclasses.astuple(self)[index]
+
+
+SETTINGS: dict[str, SettingSpec] = {
+    "w8a8": SettingSpec(8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
+    "w4a16": SettingSpec(4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
+    "w4a8": SettingSpec(4, "group", 8, True, "ONNX Runtime (exact QDQ)"),
+    "w3a16": SettingSpec(3, "group", None, True, "ONNX Runtime (exact QDQ)"),
+    "w6a6": SettingSpec(6, "channel", 6, False, "simulated (fake-quant) only"),
+    "w4a4": SettingSpec(4, "channel", 4, False, "simulated (fake-quant) only"),
 }
 # method_args that change the graph beyond what export writes: the state is simulated only, whatever the setting
 SIMULATED_ARGS: dict[tuple[str, str], str] = {
@@ -105,12 +124,12 @@ class QuantRecipe:
 
     @property
     def deployable(self) -> bool:
-        return SETTINGS[self.setting][3] and self.simulated_by is None
+        return SETTINGS[self.setting].deployable and self.simulated_by is None
 
     @property
     def runs_on(self) -> str:
         why = self.simulated_by
-        return SETTINGS[self.setting][4] if why is None else f"simulated (fake-quant) only: {why}"
+        return SETTINGS[self.setting].runs_on if why is None else f"simulated (fake-quant) only: {why}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -138,14 +157,19 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
         raise QvlmError(f"{source}: a recipe must be a YAML mapping with 'method' and 'setting'")
     allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version"}
     reject_unknown_keys(raw, allowed, source)
+    version = raw.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION or isinstance(version, bool):
+        raise QvlmError(f"{source}: recipe version {version!r} is not supported (this qvlm-export reads version "
+                        f"{RECIPE_VERSION}); write the recipe for version {RECIPE_VERSION} or upgrade qvlm-export")
     method, setting = raw.get("method"), str(raw.get("setting", "")).lower()
     if method not in METHODS:
         raise QvlmError(f"{source}: method must be one of {list(METHODS)}, got {method!r}")
     if setting not in SETTINGS:
         raise QvlmError(f"{source}: setting must be one of {list(SETTINGS)}, got {raw.get('setting')!r}")
-    wbits, wgran, abits, _, _ = SETTINGS[setting]
-    weights = _section(WeightSpec, raw.get("weights"), f"{source}: weights", {"bits": wbits, "granularity": wgran})
-    acts = _section(ActivationSpec, raw.get("activations"), f"{source}: activations", {"bits": abits})
+    spec = SETTINGS[setting]
+    weights = _section(WeightSpec, raw.get("weights"), f"{source}: weights",
+                       {"bits": spec.weight_bits, "granularity": spec.weight_granularity})
+    acts = _section(ActivationSpec, raw.get("activations"), f"{source}: activations", {"bits": spec.act_bits})
     if not 2 <= weights.bits <= 8:
         raise QvlmError(f"{source}: weights.bits must be in 2..8, got {weights.bits}")
     if weights.granularity not in ("tensor", "channel", "group"):

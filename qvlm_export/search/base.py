@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.modules import activation_scale
 from ..quant.recipe import QuantRecipe
@@ -24,20 +22,6 @@ from ..quant.state import LayerQuant
 from .stats import InputStats, collect_input_stats, input_groups
 
 WeightRule = Callable[[str, nn.Linear, InputStats], LayerQuant]
-
-
-def method_args(recipe: QuantRecipe, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's method_args over ``defaults``; an unknown key is a one-line error naming the allowed ones."""
-    unknown = sorted(set(recipe.method_args) - set(defaults))
-    if unknown:
-        raise QvlmError(f"{recipe.method}: unknown method_args key {unknown[0]!r}; allowed: {sorted(defaults)}")
-    for key, value in recipe.method_args.items():  # each value must have its default's type (ints pass as floats)
-        default = defaults[key]
-        kinds = (int, float) if isinstance(default, float) else type(default)
-        if default is not None and (not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool)):
-            raise QvlmError(f"{recipe.method}: method_args.{key} must be {type(default).__name__} like {default!r}, "
-                            f"got {value!r}")
-    return {**defaults, **recipe.method_args}
 
 
 def static_input_scale(stats: InputStats, recipe: QuantRecipe) -> torch.Tensor | None:

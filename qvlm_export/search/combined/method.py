@@ -25,13 +25,15 @@ from ..qvlm.method import QVLMMethod
 from ..qvlm.probes import uses_mask
 from ..registry import register_method
 from .choice import HeldOutJudge, restore_linears
-from .config import combined_config
+from .config import CombinedConfig, combined_config
 from .token_weights import block_token_weights
 
 
 @register_method("qvlm_plus")
 class QVLMPlus(QVLMMethod):
     """Q-VLM with QIG's token weights and Q-ViT's DGD/IRM; see docs/combined.md."""
+
+    config_type = CombinedConfig  # its own options; ``config`` is the Q-VLM search's
 
     def __init__(self, recipe: QuantRecipe):
         source = f"recipe {recipe.method}-{recipe.setting}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ...config_types import known_options
 from ...errors import QvlmError
@@ -33,6 +33,8 @@ class QViTConfig:
         seed: search seed; ``None`` takes the recipe's calibration seed.
         progress: show a progress bar per block. Display only, as Q-VLM's (set from the recipe's ``display``).
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     vision_block_units: int = 0
     lambda_dgd: float = 0.1

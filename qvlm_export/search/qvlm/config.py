@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ...config_types import known_options
 from ...errors import QvlmError
@@ -43,6 +43,8 @@ class QVLMConfig:
         progress: show a progress bar per block. Display only: the method sets it from the recipe's
             ``display`` (``quantize(progress=...)``); it is left out of ``==`` and ``to_dict``.
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     p: float = 0.6
     max_depth: int = 3
