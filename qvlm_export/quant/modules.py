@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .primitives import absmax_scale
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState, code_dtype
 
@@ -89,9 +90,10 @@ def rtn_layer(weight: torch.Tensor, recipe: QuantRecipe, input_scale: torch.Tens
 
 
 def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Symmetric per-tensor static scale for an activation with the given absolute maximum."""
-    _, qmax = F.qrange(bits, True)
-    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / qmax
+    """Kept for callers outside the package: :func:`.primitives.absmax_scale`. In the package an
+    "activation scale" is the stored per-tensor input scale (``LayerQuant.input_scale``, what
+    :func:`qvlm_export.export.qdq.activation_scale` writes); the computation is ``absmax_scale``."""
+    return absmax_scale(absmax, bits)
 
 
 class QuantLinear(nn.Module):

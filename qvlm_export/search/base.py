@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..quant.calibrate import BlockContext
-from ..quant.modules import activation_scale
+from ..quant.primitives import absmax_scale
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
 from .stats import InputStats, collect_input_stats, input_groups
@@ -29,7 +29,7 @@ def static_input_scale(stats: InputStats, recipe: QuantRecipe) -> torch.Tensor |
     bits = recipe.activations.bits
     if bits is None:
         return None
-    return activation_scale(stats.absmax, bits).to(stats.absmax.device)
+    return absmax_scale(stats.absmax, bits).to(stats.absmax.device)
 
 
 def quantize_sequentially(ctx: BlockContext, rule: WeightRule, hessian: bool = False, keep_tokens: int = 0) -> None:
