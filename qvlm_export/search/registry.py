@@ -36,8 +36,9 @@ _MODULES = {
 }
 _REGISTRY: dict[str, type] = {}
 _BY_CONFIG: dict[type, type] = {}
-# What the sequential calibrator's walk asks of a family (families/base.py): every method needs it.
-UNIT_WALK = frozenset({"vision_layers", "projector", "decoder_layers"})
+# The module paths the sequential calibrator's walk asks of a family (families/base.py): every method needs them.
+UNIT_WALK = frozenset({"vision_tower", "vision_layers", "projector", "language_model", "embed_tokens",
+                       "decoder_layers", "final_norm", "lm_head"})
 
 
 @dataclass(frozen=True)
