@@ -55,3 +55,9 @@ def test_quantize_progress_false_silences_the_per_block_bars(tiny_model_dir, tmp
     quantize(model=tiny_model_dir, recipe=recipe, calib="builtin:calib:4", out=tmp_path / "q", progress=False,
              device="cpu")
     assert seen and not any(seen)
+
+
+def test_with_method_args_routes_progress_to_the_display():
+    recipe = recipe_from_dict(BASE).with_method_args(progress=False, iterations=2)
+    assert recipe.method_args == {"iterations": 2} and recipe.display.progress is False
+    assert recipe == recipe_from_dict(BASE).with_method_args(iterations=2)

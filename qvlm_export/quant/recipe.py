@@ -137,7 +137,10 @@ class QuantRecipe:
         return d
 
     def with_method_args(self, **overrides: Any) -> QuantRecipe:
-        return dataclasses.replace(self, method_args={**self.method_args, **overrides})
+        """Overrides merged into ``method_args``; display options among them go to ``display``, as on load."""
+        display = {key: overrides.pop(key) for key in DISPLAY_ARGS if key in overrides}
+        out = dataclasses.replace(self, method_args={**self.method_args, **overrides})
+        return out.with_display(**display) if display else out
 
     def with_display(self, **options: Any) -> QuantRecipe:
         return dataclasses.replace(self, display=dataclasses.replace(self.display, **options))
