@@ -13,6 +13,7 @@ sequences them, times them and records what ran in ``out/run.json`` and ``out/ma
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -99,17 +100,39 @@ class _Timer:
         return artifact
 
 
-def _quantize_all(config: RunConfig, out: Path, stage: _Timer, progress: bool) -> dict[str, Path]:
-    from .pipeline_resume import quant_state_current
-    from .search.api import quantize
+def preflight(config: RunConfig) -> dict[str, QuantRecipe]:
+    """Every stage's options checked before any work starts: each setting's recipe and its method_args
+    (the method's own config), the build profile, the thresholds file. Returns the recipes by setting."""
+    from .search.registry import build_method
+    from .validate.thresholds import load_thresholds
 
     q = config.quantize
-    states = {}
+    recipes = {}
     for setting in q.settings:
         recipe = resolve_recipe(q.method, setting, q.recipe)
         if not recipe.deployable:
             raise QvlmError(f"setting {setting!r} is simulated only (no deployable kernel); run cannot export it: "
                             "use 'qvlm-export quantize' and 'eval --quant' for simulated settings")
+        if recipe.method != "fp":
+            build_method(recipe)  # refuses unknown or mistyped method_args in one line
+        recipes[setting] = recipe
+    if config.build.engines != "off":
+        from .engine.profiles import load_profile
+
+        load_profile(config.build.profile)
+    config.export_config  # noqa: B018  (a RunConfig built in Python skipped run_config_from_dict's check)
+    load_thresholds(config.validate.thresholds)
+    return recipes
+
+
+def _quantize_all(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path, stage: _Timer,
+                  progress: bool) -> dict[str, Path]:
+    from .pipeline_resume import quant_state_current
+    from .search.api import quantize
+
+    q = config.quantize
+    states = {}
+    for setting, recipe in recipes.items():
         name, target = f"quantize {q.method} {setting}", out / "quant" / setting
         if quant_state_current(config.model, recipe, q.calib, q.device, target):
             states[setting] = stage.reuse(name, target)
@@ -131,9 +154,7 @@ def _export_one(name: str, config: RunConfig, state: Path | None, target: Path, 
 
 
 def _export_all(config: RunConfig, out: Path, states: dict[str, Path], stage: _Timer) -> dict[str, Path]:
-    from .export.config import export_config_from_dict
-
-    export_config = export_config_from_dict(config.export, "run config: export")
+    export_config = config.export_config
     bundles = {"fp": _export_one("export fp", config, None, out / "bundles" / "fp", export_config, stage)}
     for setting, state in states.items():
         bundles[setting] = _export_one(f"export {setting}", config, state, out / "bundles" / setting, export_config,
@@ -159,7 +180,7 @@ def _check_trt(bundles: dict[str, Path], out: Path, result: RunResult, stage: _T
 
 
 def _not_trt(setting: str) -> str:
-    return f"{setting} is not a TensorRT format; it runs on {SETTINGS[setting][4]}"
+    return f"{setting} is not a TensorRT format; it runs on {SETTINGS[setting].runs_on}"
 
 
 def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result: RunResult, stage: _Timer) -> None:
@@ -175,10 +196,9 @@ def _build_engines(config: RunConfig, out: Path, states: dict[str, Path], result
         return
     from .engine.builder import build_engines
     from .engine.profiles import load_profile
-    from .export.config import export_config_from_dict
 
     profile = load_profile(config.build.profile)
-    export_config = export_config_from_dict({**config.export, "dtype": profile.graph_dtype}, "run config: export")
+    export_config = dataclasses.replace(config.export_config, dtype=profile.graph_dtype)
     cache = Path(config.build.timing_cache) if config.build.timing_cache else None
     for setting, state in states.items():
         if setting not in TENSORRT_SETTINGS:
@@ -219,17 +239,18 @@ def run_pipeline(config: RunConfig, log: Log | None = None, progress: bool = Tru
     if out.exists() and not out.is_dir():
         raise QvlmError(f"--out {str(out)!r} is a file; choose a directory")
     check_output_dir(out)
+    recipes = preflight(config)
     with run_lock(out):
         for path in remove_stale_temps(out):
             log(f"removed {path} (left by an interrupted run)")
-        return _run_stages(config, out, log, progress)
+        return _run_stages(config, recipes, out, log, progress)
 
 
-def _run_stages(config: RunConfig, out: Path, log: Log, progress: bool) -> RunResult:
+def _run_stages(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path, log: Log, progress: bool) -> RunResult:
     result = RunResult(out=out)
     stage = _Timer(result, log)
     start = time.perf_counter()
-    states = _quantize_all(config, out, stage, progress)
+    states = _quantize_all(config, recipes, out, stage, progress)
     bundles = _export_all(config, out, states, stage)
     _check_trt(bundles, out, result, stage, log)
     _build_engines(config, out, states, result, stage)

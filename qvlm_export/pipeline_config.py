@@ -30,6 +30,7 @@ from typing import Any
 
 from .config_types import typed_fields
 from .errors import QvlmError, reject_unknown_keys
+from .export.config import ExportConfig, export_config_from_dict
 from .quant.recipe import SETTINGS, TENSORRT_SETTINGS
 from .validate.config import ValidateConfig, validate_config_from_dict
 from .yaml_files import parse_yaml
@@ -61,10 +62,15 @@ class RunConfig:
     model: str | None = None
     out: str = "qvlm-run"
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
-    export: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # the options given, checked on load: see export_config
     build: BuildOptions = field(default_factory=BuildOptions)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     version: int = RUN_CONFIG_VERSION
+
+    @property
+    def export_config(self) -> ExportConfig:
+        """The export stage's typed config (``export`` was checked against it when this config was made)."""
+        return export_config_from_dict(self.export, "run config: export")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,20 +109,21 @@ def run_config_from_dict(raw: dict[str, Any] | None, source: str = "run config")
     if bad or not q.settings:
         raise QvlmError(f"{source}: quantize.settings {list(q.settings)} names an unknown setting; list settings from "
                         f"{list(SETTINGS)}")
-    simulated = [s for s in q.settings if not SETTINGS[s][3]]
+    simulated = [s for s in q.settings if not SETTINGS[s].deployable]
     if simulated:
         raise QvlmError(f"{source}: {simulated[0]} is simulated only and cannot be exported; choose deployable "
-                        f"settings from {[s for s, row in SETTINGS.items() if row[3]]}")
+                        f"settings from {[s for s, spec in SETTINGS.items() if spec.deployable]}")
     build = _section(BuildOptions, raw.get("build"), f"{source}: build")
     if build.engines not in ENGINE_MODES:
         raise QvlmError(f"{source}: build.engines is {build.engines!r}; use one of {list(ENGINE_MODES)}")
     not_trt = [s for s in q.settings if s not in TENSORRT_SETTINGS]
     if build.engines == "required" and not_trt:
         raise QvlmError(f"{source}: build.engines is 'required' but {not_trt[0]} is not a TensorRT format (it runs on "
-                        f"{SETTINGS[not_trt[0]][4]}); use engines auto or drop it from quantize.settings")
+                        f"{SETTINGS[not_trt[0]].runs_on}); use engines auto or drop it from quantize.settings")
     export = raw.get("export") or {}
     if not isinstance(export, dict):
         raise QvlmError(f"{source}: export must be a mapping of export options")
+    export_config_from_dict(export, f"{source}: export")  # a bad key or value fails here, not after quantizing
     return RunConfig(model=raw.get("model"), out=str(raw.get("out", "qvlm-run")), quantize=q, export=dict(export),
                      build=build, validate=validate_config_from_dict(raw.get("validate"), f"{source}: validate"))
 

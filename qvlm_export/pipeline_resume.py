@@ -99,12 +99,12 @@ def quant_state_current(model: str | None, recipe, calib: str, device: str | Non
     from .load.model import resolve_model_path
     from .memory import resolve_load_dtype
     from .search.api import ARTIFACT_KIND, calibration_samples, quantize_identity, resolve_device
-    from .search.registry import get_method
+    from .search.registry import build_method
 
     if not (target / "manifest.json").is_file():
         return False
     path = resolve_model_path(model)
-    data_free = getattr(get_method(recipe.method)(recipe), "data_free", lambda: False)()
+    data_free = build_method(recipe).capabilities.data_free
     samples = None if data_free else calibration_samples(calib, recipe.calibration)
     config, inputs = quantize_identity(path, recipe, calib, samples, resolve_device(device),
                                        resolve_load_dtype("auto", path))

@@ -24,33 +24,25 @@ VARIANTS = {"qvlm": (False, False), "+qig": (True, False), "+qvit": (False, True
 
 def run(settings: list[str], variants: list[str], states: Path) -> list[dict]:
     from qvlm_export.data.manifest import load_dataset
-    from qvlm_export.evaluate.accuracy import evaluate
-    from qvlm_export.evaluate.backends import make_answerer
-    from qvlm_export.evaluate.logits import LOGIT_SQNR_DATA, logit_sqnr_db, next_token_logits
+    from qvlm_export.evaluate.rows import fp_reference, quantized_row
     from qvlm_export.evaluate.vision import vision_outputs, vision_sqnr
     from qvlm_export.quant.recipe import load_recipe
-    from qvlm_export.search.api import quantize
 
-    fp_answerer, _ = make_answerer(model=None)
-    fp_logits = next_token_logits(fp_answerer.vlm, load_dataset(LOGIT_SQNR_DATA))
+    reference = fp_reference()
     images = load_dataset("builtin:eval")
-    fp_vision = vision_outputs(fp_answerer.vlm, images)
+    fp_vision = vision_outputs(reference.answerer.vlm, images)
     rows = []
     for setting in settings:
         for variant in variants:
             qig, qvit = VARIANTS[variant]
             # the parts alone, without the per-block guard against plain Q-VLM (docs/combined.md measures that apart)
-            recipe = load_recipe(f"qvlm_plus-{setting}").with_method_args(token_weights=qig, qvit=qvit, progress=False,
+            recipe = load_recipe(f"qvlm_plus-{setting}").with_method_args(token_weights=qig, qvit=qvit,
                                                                           choose_per_block=False)
-            state = quantize(recipe=recipe, calib="builtin:calib", out=states / f"{setting}-{variant}", progress=False)
-            seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
-            answerer, info = make_answerer(model=None, quant=str(state))
-            acc = evaluate(answerer, load_dataset("builtin:eval"), batch_size=32, progress=False).overall
-            sqnr = logit_sqnr_db(fp_logits, next_token_logits(answerer.vlm, load_dataset(LOGIT_SQNR_DATA)))
+            measured, answerer, _ = quantized_row(recipe, states / f"{setting}-{variant}", reference)
             vis = vision_sqnr(fp_vision, vision_outputs(answerer.vlm, images))
             row = {"setting": setting, "variant": variant, "token_weights": qig, "qvit": qvit,
-                   "deployable": bool(info["deployable"]), "accuracy": round(acc, 4), "logit_sqnr_db": round(sqnr, 2),
-                   "vision_sqnr_db": round(vis["vision_sqnr_db"], 2), "search_seconds": round(float(seconds), 2)}
+                   **{k: measured[k] for k in ("deployable", "accuracy", "logit_sqnr_db")},
+                   "vision_sqnr_db": round(vis["vision_sqnr_db"], 2), "search_seconds": measured["search_seconds"]}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows

@@ -66,15 +66,12 @@ def worker(spec: dict) -> dict:
     import resource
     import time
 
-    from qvlm_export.data.manifest import load_dataset
-    from qvlm_export.evaluate.accuracy import evaluate
-    from qvlm_export.evaluate.backends import make_answerer
-    from qvlm_export.evaluate.logits import LOGIT_SQNR_DATA, logit_sqnr_db, next_token_logits
+    from qvlm_export.evaluate.rows import fp_reference, state_row
     from qvlm_export.load.model import load_vlm
     from qvlm_export.quant.recipe import load_recipe
     from qvlm_export.search.api import quantize
 
-    recipe = load_recipe(f"qvlm-{spec['setting']}").with_method_args(**spec["args"], progress=False)
+    recipe = load_recipe(f"qvlm-{spec['setting']}").with_method_args(**spec["args"])
     load_vlm(spec["model"])  # warm the loader so the baseline RSS includes one model
     before = _rss_mib()
     start = time.perf_counter()
@@ -82,13 +79,10 @@ def worker(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = json.loads((Path(state) / "state.json").read_text())
-    answerer, _ = make_answerer(model=spec["model"], quant=str(state))
-    acc = evaluate(answerer, load_dataset(spec["eval_data"]), batch_size=50, progress=False).overall
-    fp_answerer, _ = make_answerer(model=spec["model"])
-    sqnr_data = load_dataset(LOGIT_SQNR_DATA)
-    sqnr = logit_sqnr_db(next_token_logits(fp_answerer.vlm, sqnr_data), next_token_logits(answerer.vlm, sqnr_data))
+    row, _, _ = state_row(state, fp_reference(spec["model"]), spec["model"], spec["eval_data"], batch_size=50)
     blocks = meta["extras"]["qvlm"]["partition"]
-    return {"variant": spec["variant"], "setting": spec["setting"], "accuracy": acc, "logit_sqnr_db": sqnr,
+    return {"variant": spec["variant"], "setting": spec["setting"], "accuracy": row["accuracy"],
+            "logit_sqnr_db": row["logit_sqnr_db"],
             "search_seconds": seconds,
             "peak_memory_mib": max(peak - before, 0.0), "blocks": len(blocks),
             "max_block": max(len(b) for b in blocks), "partition": blocks}

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from qvlm_export.errors import QvlmError
+from qvlm_export.evaluate.rows import EVAL_BATCH, FPReference, accuracy_fields, correct_string, quantized_row, rounded
 from qvlm_export.quant.recipe import METHODS, RECIPES_DIR, SETTINGS
 
 BASELINES = ("rtn", "smoothquant", "awq", "gptq")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-EVAL_BATCH = 32  # `qvlm-export eval`'s default: batch composition changes left padding, so keep it identical
 
 
 def fp_row(model: str | None, eval_data: str) -> tuple[dict, object]:
@@ -44,35 +44,16 @@ def fp_row(model: str | None, eval_data: str) -> tuple[dict, object]:
     result = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False)
     return {"method": "fp", "setting": "fp", "deployable": True, **accuracy_fields(result),
             "logit_sqnr_db": None, "search_seconds": 0.0,
-            "per_question": {"correct": "".join("1" if c else "0" for c in result.correct)}}, answerer.vlm
+            "per_question": {"correct": correct_string(result)}}, answerer.vlm
 
 
 def quant_row(method: str, setting: str, model: str | None, calib: str, eval_data: str, sqnr_data: str,
               fp_logits, states_dir: Path) -> dict:
-    from qvlm_export.data.manifest import load_dataset
-    from qvlm_export.evaluate.accuracy import evaluate
-    from qvlm_export.evaluate.backends import make_answerer
-    from qvlm_export.evaluate.intervals import pooled_sqnr_db, sqnr_terms, sqnr_terms_interval
-    from qvlm_export.evaluate.logits import next_token_logits
-    from qvlm_export.search.api import quantize
-
-    state = quantize(model=model, recipe=f"{method}-{setting}", calib=calib, out=states_dir / f"{method}-{setting}",
-                     progress=False)
-    seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
-    answerer, info = make_answerer(model=model, quant=str(state))
-    result = evaluate(answerer, load_dataset(eval_data), batch_size=EVAL_BATCH, progress=False)
-    signal, noise = sqnr_terms(fp_logits, next_token_logits(answerer.vlm, load_dataset(sqnr_data)))
-    lo, hi = sqnr_terms_interval(signal, noise)
-    return {"method": method, "setting": setting, "deployable": bool(info["deployable"]), **accuracy_fields(result),
-            "logit_sqnr_db": round(pooled_sqnr_db(signal, noise), 2), "logit_sqnr_ci": [round(lo, 2), round(hi, 2)],
-            "search_seconds": round(float(seconds), 2),
-            "per_question": {"correct": "".join("1" if c else "0" for c in result.correct),
-                             "logit_noise": [float(f"{v:.5g}") for v in noise.tolist()]}}
-
-
-def accuracy_fields(result) -> dict:
-    lo, hi = result.interval()
-    return {"accuracy": round(result.overall, 4), "accuracy_ci": [round(lo, 4), round(hi, 4)]}
+    """The ``<method>-<setting>`` row (:func:`qvlm_export.evaluate.rows.quantized_row`)."""
+    reference = FPReference(answerer=None, logits=fp_logits, sqnr_data=sqnr_data)
+    row, _, _ = quantized_row(f"{method}-{setting}", states_dir / f"{method}-{setting}", reference, model=model,
+                              calib=calib, eval_data=eval_data)
+    return row
 
 
 def order_key(row: dict) -> tuple[int, int]:
@@ -172,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(fp)
         print(f"{'fp':12s} {'fp':6s} acc {fp['accuracy']:.4f}", flush=True)
     fp_logits = next_token_logits(fp_vlm, load_dataset(sqnr_data))
-    fp["per_question"]["logit_signal"] = [float(f"{v:.5g}") for v in sqnr_terms(fp_logits, fp_logits)[0].tolist()]
+    fp["per_question"]["logit_signal"] = rounded(sqnr_terms(fp_logits, fp_logits)[0])
     with tempfile.TemporaryDirectory() as tmp:
         states = Path(args.states_dir) if args.states_dir else Path(tmp)
         for method in (m for m in methods if m != "fp"):

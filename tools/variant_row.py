@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results_table import DOCS, EVAL_BATCH, accuracy_fields, paired_vs  # noqa: E402
+from results_table import DOCS, paired_vs  # noqa: E402
 
 
 def parse_value(text: str):
@@ -34,32 +34,12 @@ def parse_value(text: str):
 
 
 def measure(recipe_name: str, overrides: dict, states: Path) -> tuple[dict, list[float]]:
-    from qvlm_export.data.manifest import load_dataset
-    from qvlm_export.evaluate.accuracy import evaluate
-    from qvlm_export.evaluate.backends import make_answerer
-    from qvlm_export.evaluate.intervals import pooled_sqnr_db, sqnr_terms, sqnr_terms_interval
-    from qvlm_export.evaluate.logits import LOGIT_SQNR_DATA, next_token_logits
+    from qvlm_export.evaluate.rows import fp_reference, quantized_row, rounded
     from qvlm_export.quant.recipe import load_recipe
-    from qvlm_export.search.api import quantize
 
-    fp_answerer, _ = make_answerer(model=None)
-    fp_logits = next_token_logits(fp_answerer.vlm, load_dataset(LOGIT_SQNR_DATA))
-    recipe = load_recipe(recipe_name)
-    quiet = {"progress": False} if recipe.method in ("qvlm", "qvit", "qvlm_plus") else {}  # the block searches' bars
-    recipe = recipe.with_method_args(**overrides, **quiet)
-    state = quantize(recipe=recipe, calib="builtin:calib", out=states / recipe_name, progress=False)
-    seconds = json.loads((state / "manifest.json").read_text())["search_seconds"]
-    answerer, info = make_answerer(model=None, quant=str(state))
-    result = evaluate(answerer, load_dataset("builtin:eval"), batch_size=EVAL_BATCH, progress=False)
-    signal, noise = sqnr_terms(fp_logits, next_token_logits(answerer.vlm, load_dataset(LOGIT_SQNR_DATA)))
-    lo, hi = sqnr_terms_interval(signal, noise)
-    row = {"method": recipe.method, "setting": recipe.setting, "overrides": overrides,
-           "deployable": bool(info["deployable"]), **accuracy_fields(result),
-           "logit_sqnr_db": round(pooled_sqnr_db(signal, noise), 2), "logit_sqnr_ci": [round(lo, 2), round(hi, 2)],
-           "search_seconds": round(float(seconds), 2),
-           "per_question": {"correct": "".join("1" if c else "0" for c in result.correct),
-                            "logit_noise": [float(f"{v:.5g}") for v in noise.tolist()]}}
-    return row, [float(f"{v:.5g}") for v in signal.tolist()]
+    recipe = load_recipe(recipe_name).with_method_args(**overrides)
+    row, _, signal = quantized_row(recipe, states / recipe_name, fp_reference())
+    return {"method": row.pop("method"), "setting": row.pop("setting"), "overrides": overrides, **row}, rounded(signal)
 
 
 def main(argv: list[str] | None = None) -> int:

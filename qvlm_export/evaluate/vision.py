@@ -26,10 +26,11 @@ def vision_outputs(vlm: LoadedVLM, samples: Sequence[Sample], batch_size: int = 
         for start in range(0, len(samples), batch_size):
             images = [s.image for s in samples[start:start + batch_size]]
             pixels = vlm.family.tiles_torch(model, vlm.processor.image_processor(images, return_tensors="pt"))
-            hidden = model.model.vision_tower(pixels.to(model.device, model.dtype), output_hidden_states=True).hidden_states
+            tower = model.get_submodule(vlm.family.vision_tower)
+            hidden = tower(pixels.to(model.device, model.dtype), output_hidden_states=True).hidden_states
             selected = select_image_features(model.config, dict(enumerate(hidden)))
             outs.append(selected.float().cpu())
-            feats.append(model.model.multi_modal_projector(selected).float().cpu())
+            feats.append(model.get_submodule(vlm.family.projector)(selected).float().cpu())
     return torch.cat(outs), torch.cat(feats)
 
 

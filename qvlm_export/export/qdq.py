@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..quant.primitives import qrange
 from ..quant.state import LayerQuant
 
 
@@ -46,7 +47,7 @@ def weight_qdq(layer: LayerQuant, float_dtype: np.dtype) -> WeightQDQ:
     if not layer.symmetric or bool((layer.weight_zero_point != 0).any()):
         raise ValueError("asymmetric weights (non-zero zero points) are not deployable: TensorRT needs zero point 0; "
                          "re-quantize with weights.symmetric: true")
-    qmin, qmax = -(2 ** (layer.weight_bits - 1)), 2 ** (layer.weight_bits - 1) - 1
+    qmin, qmax = qrange(layer.weight_bits, True)
     codes = layer.weight_codes.numpy().astype(np.int32)
     if codes.size and (codes.min() < qmin or codes.max() > qmax):
         raise ValueError(f"weight codes span {codes.min()}..{codes.max()}, outside the {layer.weight_bits}-bit "
@@ -67,7 +68,9 @@ def weight_qdq(layer: LayerQuant, float_dtype: np.dtype) -> WeightQDQ:
 
 
 def activation_scale(layer: LayerQuant, float_dtype: np.dtype) -> np.ndarray | None:
-    """The scalar input scale of an int8-activation layer, or None when activations stay float."""
+    """The layer's stored activation scale (``input_scale``, computed at search time by
+    :func:`qvlm_export.quant.primitives.absmax_scale` or searched) in the graph's float type;
+    None when activations stay float."""
     if layer.act_bits is None or layer.input_scale is None:
         return None
     if layer.act_bits != 8:

@@ -1,7 +1,7 @@
 """Export-time wrappers: the three graphs as plain ``forward`` functions of flat tensors.
 
 ``torch.onnx.export(dynamo=True)`` needs tensor-only signatures; these wrappers hold the
-HF modules (never copies) and give each graph the interface of :mod:`qvlm_export.runtime.runner`.
+HF modules (never copies; found by the model's family, ``qvlm_export/families/``) and give each graph the interface of :mod:`qvlm_export.runtime.runner`.
 The decoder builds a ``DynamicCache`` from flat past tensors inside ``forward`` and returns
 the updated per-layer keys/values flat, so one graph serves prefill (zero-length past) and
 decode.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..families import family_of
 
 
 class VisionGraph(nn.Module):
@@ -22,8 +24,9 @@ class VisionGraph(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.vision_tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
+        family = family_of(model)
+        self.vision_tower = model.get_submodule(family.vision_tower)
+        self.projector = model.get_submodule(family.projector)
         self.layer = model.config.vision_feature_layer
         self.strategy = model.config.vision_feature_select_strategy
 
@@ -39,7 +42,7 @@ class EmbedGraph(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.embed_tokens = model.model.language_model.embed_tokens
+        self.embed_tokens = model.get_submodule(family_of(model).embed_tokens)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -50,8 +53,9 @@ class DecoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
+        family = family_of(model)
+        self.language_model = model.get_submodule(family.language_model)
+        self.lm_head = model.get_submodule(family.lm_head)
         self.text_config = model.config.text_config
         self.num_layers = self.text_config.num_hidden_layers
 

@@ -27,11 +27,35 @@ class Family:
 
     model_type = "llava"
     hf_class = "LlavaForConditionalGeneration"
+    # Module paths: calibration (quant/calibrate.py, quant/modules.py, quant/placement.py) reads them here.
+    vision_tower = "model.vision_tower"
     vision_layers = "model.vision_tower.encoder.layers"
     projector = "model.multi_modal_projector"
+    language_model = "model.language_model"
+    embed_tokens = "model.language_model.embed_tokens"
     decoder_layers = "model.language_model.layers"
+    final_norm = "model.language_model.norm"
+    lm_head = "lm_head"
     # processor outputs that carry the image, in the order the runtime takes them
     image_keys: tuple[str, ...] = ("pixel_values",)
+
+    # -- module paths -----------------------------------------------------------------
+    def components(self) -> dict[str, str]:
+        """Recipe ``modules`` component -> the module path its Linears live under (lm_head: that Linear)."""
+        return {"vision_tower": self.vision_tower, "projector": self.projector,
+                "language_model": self.language_model, "lm_head": self.lm_head}
+
+    def component_of(self, name: str) -> str | None:
+        """The component a module name belongs to (None: none the recipe can enable)."""
+        for comp, path in self.components().items():
+            inside = name == path if comp == "lm_head" else name.startswith(path + ".")  # lm_head is one Linear
+            if inside:
+                return comp
+        return None
+
+    def layer_stacks(self) -> tuple[str, str]:
+        """The two layer lists the calibration walks: vision encoder layers and decoder layers."""
+        return self.vision_layers, self.decoder_layers
 
     # -- loading ----------------------------------------------------------------------
     def model_class(self) -> Any:

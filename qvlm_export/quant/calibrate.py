@@ -65,12 +65,14 @@ def model_units(model: nn.Module, include_lm_head: bool = False) -> list[Unit]:
     decoder = model.get_submodule(family.decoder_layers)
     units += [Unit(f"{family.decoder_layers}.{i}", "decoder", i) for i in range(len(decoder))]
     if include_lm_head:
-        units.append(Unit("lm_head", "lm_head", 0))
+        units.append(Unit(family.lm_head, "lm_head", 0))
     return units
 
 
-def unit_linears(units: Sequence[Unit], modules: Sequence[nn.Module], recipe: QuantRecipe) -> list[tuple[str, nn.Linear]]:
-    """The Linears of ``units`` (live ``modules``) the recipe quantizes, with full model names, in order."""
+def unit_linears(units: Sequence[Unit], modules: Sequence[nn.Module], recipe: QuantRecipe,
+                 family=None) -> list[tuple[str, nn.Linear]]:
+    """The Linears of ``units`` (live ``modules``) the recipe quantizes, with full model names, in order
+    (components by ``family``'s module paths; default LLaVA-1.5's)."""
     enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
     out = []
     for unit, mod in zip(units, modules):
@@ -80,7 +82,7 @@ def unit_linears(units: Sequence[Unit], modules: Sequence[nn.Module], recipe: Qu
             continue
         for sub, m in mod.named_modules():
             full = f"{unit.name}.{sub}" if sub else unit.name
-            if isinstance(m, nn.Linear) and component_of(full) in enabled:
+            if isinstance(m, nn.Linear) and component_of(full, family) in enabled:
                 out.append((full, m))
     return out
 
@@ -95,7 +97,7 @@ def quantize_without_data(vlm: LoadedVLM, recipe: QuantRecipe,
     units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
     modules = [vlm.model.get_submodule(u.name) for u in units]
     layers = {}
-    for name, linear in unit_linears(units, modules, recipe):
+    for name, linear in unit_linears(units, modules, recipe, family_of(vlm.model)):
         layer = rule(name, linear.weight.detach().to(device))  # one weight on the device at a time
         layers[name] = dataclasses.replace(
             layer, weight_codes=layer.weight_codes.cpu(), weight_scale=layer.weight_scale.cpu(),
@@ -192,7 +194,7 @@ class BlockContext:
 
     def linears(self) -> list[tuple[str, nn.Linear]]:
         """Quantizable Linears of the block with full model names, in module order."""
-        return unit_linears(self.units, self.modules, self.recipe)
+        return unit_linears(self.units, self.modules, self.recipe, family_of(self.root))
 
     def replace_linear(self, name: str, layer: LayerQuant) -> None:
         """Swap the live Linear ``name`` for its simulated quantized version."""
@@ -231,28 +233,31 @@ class SequentialCalibrator:
 
     # -- boundaries -------------------------------------------------------------------
     def _vision_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
-        tower, family = self.vlm.model.model.vision_tower, family_of(self.vlm.model)
+        model, family = self.vlm.model, family_of(self.vlm.model)
+        tower, first = model.get_submodule(family.vision_tower), model.get_submodule(f"{family.vision_layers}.0")
         xs, kws = [], []
         for b in self.batches:
             tiles = family.tiles_torch(self.vlm.model, b.images(self.device))
-            x, kwargs = _capture_call(tower.encoder.layers[0], lambda t=tiles: tower(t))
+            x, kwargs = _capture_call(first, lambda t=tiles: tower(t))
             xs.append(x)
             kws.append(kwargs)
         return xs, kws
 
     def _decoder_inputs(self, image_features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-        inner, family = self.vlm.model.model, family_of(self.vlm.model)
+        model, family = self.vlm.model, family_of(self.vlm.model)
+        language_model, embed_tokens = model.get_submodule(family.language_model), model.get_submodule(family.embed_tokens)
+        first = model.get_submodule(f"{family.decoder_layers}.0")
         xs, kws = [], []
         for b, feats in zip(self.batches, image_features):
             ids = b.input_ids.to(self.device)
-            embeds = inner.language_model.embed_tokens(ids)
+            embeds = embed_tokens(ids)
             mask = (ids == self.vlm.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
             packed = family.pack_torch(self.vlm.model, feats.to(self.device), b.images())
             embeds = embeds.masked_scatter(mask, packed.to(embeds.dtype))
             position_ids = (b.attention_mask.long().cumsum(-1) - 1).clamp_min(0).to(self.device)
-            run = lambda e=embeds, m=b.attention_mask, p=position_ids: inner.language_model(  # noqa: E731
+            run = lambda e=embeds, m=b.attention_mask, p=position_ids: language_model(  # noqa: E731
                 inputs_embeds=e, attention_mask=m.to(self.device), position_ids=p, use_cache=False)
-            x, kwargs = _capture_call(inner.language_model.layers[0], run)
+            x, kwargs = _capture_call(first, run)
             xs.append(x)
             kws.append(kwargs)
         return xs, kws
@@ -292,7 +297,7 @@ class SequentialCalibrator:
                     q_x, kw = self._decoder_inputs(q_x)
                     fp_x, _ = self._decoder_inputs(fp_x)
             elif kind == "lm_head":
-                norm = self.vlm.model.model.language_model.norm
+                norm = self.vlm.model.get_submodule(family_of(self.vlm.model).final_norm)
                 with torch.no_grad():
                     q_x, fp_x = [norm(x) for x in q_x], [norm(x) for x in fp_x]
                 kw = [{} for _ in self.batches]

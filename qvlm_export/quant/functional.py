@@ -12,7 +12,8 @@ Conventions, used everywhere in the project:
   last group may be shorter, matching ONNX's blocked DequantizeLinear).
 * Activations are quantized per tensor (scalar scale): the only deployable choice.
 
-Rounding is ``torch.round`` (round half to even), as ONNX QuantizeLinear does.
+Rounding is ``torch.round`` (round half to even), as ONNX QuantizeLinear does. Ranges,
+round-and-clamp and grouping come from :mod:`.primitives`; this module builds quantizers on them.
 """
 
 from __future__ import annotations
@@ -22,27 +23,10 @@ from typing import Literal
 
 import torch
 
+from .primitives import grouped, qrange, round_clamp
+
 Granularity = Literal["tensor", "channel", "group"]
 ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Inclusive integer range of a ``bits``-bit quantizer."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
-    if symmetric:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``[out, in]`` -> ``[out, n_groups, group_size]`` (zero padded on a ragged last group)."""
-    out_f, in_f = w.shape
-    n_groups = math.ceil(in_f / group_size)
-    pad = n_groups * group_size - in_f
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    return w.reshape(out_f, n_groups, group_size)
 
 
 def expand_param(p: torch.Tensor, shape: torch.Size, granularity: Granularity, group_size: int = 128) -> torch.Tensor:
@@ -62,7 +46,7 @@ def reduce_minmax(x: torch.Tensor, granularity: Granularity, group_size: int = 1
     if granularity == "channel":
         flat = x.reshape(x.shape[0], -1)
         return flat.min(dim=1).values, flat.max(dim=1).values
-    g = _grouped(x, group_size)
+    g = grouped(x, group_size)
     if x.shape[-1] % group_size:  # padded zeros must not widen a ragged group's range
         in_f = x.shape[-1]
         mask = torch.arange(g.shape[1] * group_size, device=x.device).reshape(g.shape[1], group_size) < in_f
@@ -99,7 +83,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit
     qmin, qmax = qrange(bits, symmetric)
     s = expand_param(scale, x.shape, granularity, group_size)
     z = expand_param(zero_point, x.shape, granularity, group_size)
-    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
+    return round_clamp(x / s, qmin, qmax, z).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

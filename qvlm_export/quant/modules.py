@@ -1,6 +1,6 @@
 """Which Linears get quantized, and the simulated QuantLinear that replaces them.
 
-Module names follow transformers 5's LLaVA layout:
+Module names come from the model's family (``qvlm_export/families/``); LLaVA-1.5's, transformers 5's layout:
 ``model.vision_tower.encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, mlp.fc1, mlp.fc2}``,
 ``model.multi_modal_projector.linear_{1,2}``,
 ``model.language_model.layers.{i}.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}``
@@ -15,25 +15,18 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..families import family_of
+from ..families.base import Family
 from . import functional as F
+from .primitives import absmax_scale
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState, code_dtype
 
-COMPONENT_PREFIXES = {
-    "vision_tower": "model.vision_tower.",
-    "projector": "model.multi_modal_projector.",
-    "language_model": "model.language_model.",
-}
 
-
-def component_of(name: str) -> str | None:
-    """``vision_tower`` | ``projector`` | ``language_model`` | ``lm_head`` | None."""
-    if name == "lm_head":
-        return "lm_head"
-    for comp, prefix in COMPONENT_PREFIXES.items():
-        if name.startswith(prefix):
-            return comp
-    return None
+def component_of(name: str, family=None) -> str | None:
+    """``vision_tower`` | ``projector`` | ``language_model`` | ``lm_head`` | None, by ``family``'s module
+    paths (default: LLaVA-1.5's, :class:`qvlm_export.families.base.Family`)."""
+    return (family or Family()).component_of(name)
 
 
 def vision_feature_layers(config) -> list[int]:
@@ -59,8 +52,6 @@ def unused_layers(config) -> dict[str, str]:
     n, used = config.vision_config.num_hidden_layers, used_vision_layers(config)
     why = (f"vision_feature_layer {config.vision_feature_layer!r} reads vision hidden state(s) "
            f"{vision_feature_layers(config)} of {n}: this layer's output feeds nothing")
-    from ..families import family_of
-
     return {f"{family_of(config).vision_layers}.{i}": why for i in range(used, n)}
 
 
@@ -72,8 +63,9 @@ def quantizable_linears(model: nn.Module, recipe: QuantRecipe) -> Iterator[tuple
     """(name, Linear) of every Linear the recipe quantizes, in module order (unused vision layers excluded)."""
     enabled = {c for c in ("vision_tower", "projector", "language_model", "lm_head") if getattr(recipe.modules, c)}
     unused = unused_layers(model.config)
+    family = family_of(model)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and component_of(name) in enabled and not in_unused_layer(name, unused):
+        if isinstance(module, nn.Linear) and component_of(name, family) in enabled and not in_unused_layer(name, unused):
             yield name, module
 
 
@@ -89,9 +81,10 @@ def rtn_layer(weight: torch.Tensor, recipe: QuantRecipe, input_scale: torch.Tens
 
 
 def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Symmetric per-tensor static scale for an activation with the given absolute maximum."""
-    _, qmax = F.qrange(bits, True)
-    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / qmax
+    """Kept for callers outside the package: :func:`.primitives.absmax_scale`. In the package an
+    "activation scale" is the stored per-tensor input scale (``LayerQuant.input_scale``, what
+    :func:`qvlm_export.export.qdq.activation_scale` writes); the computation is ``absmax_scale``."""
+    return absmax_scale(absmax, bits)
 
 
 class QuantLinear(nn.Module):

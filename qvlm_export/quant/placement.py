@@ -15,11 +15,16 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..families import family_of
+
 
 def layer_stacks(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of the two layer lists: vision encoder layers and decoder layers."""
-    inner = model.model
-    return [(inner.vision_tower.encoder, "layers"), (inner.language_model, "layers")]
+    """(parent, attribute) of the two layer lists the family names: vision encoder layers and decoder layers."""
+    out = []
+    for path in family_of(model).layer_stacks():
+        parent, _, attr = path.rpartition(".")
+        out.append((model.get_submodule(parent), attr))
+    return out
 
 
 @contextlib.contextmanager

@@ -29,20 +29,41 @@ RECIPE_VERSION = 1
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 METHODS = ("fp", "rtn", "smoothquant", "awq", "gptq", "qvlm", "qig", "qvit", "qvlm_plus")
 
-# setting -> (weight bits, weight granularity, activation bits or None, deployable, runs on)
-SETTINGS: dict[str, tuple[int, str, int | None, bool, str]] = {
-    "w8a8": (8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
-    "w4a16": (4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
-    "w4a8": (4, "group", 8, True, "ONNX Runtime (exact QDQ)"),
-    "w3a16": (3, "group", None, True, "ONNX Runtime (exact QDQ)"),
-    "w6a6": (6, "channel", 6, False, "simulated (fake-quant) only"),
-    "w4a4": (4, "channel", 4, False, "simulated (fake-quant) only"),
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What a setting name means: the recipe's defaults and where its exports run."""
+
+    weight_bits: int
+    weight_granularity: str  # channel | group
+    act_bits: int | None  # None: activations stay in floating point
+    deployable: bool  # False: simulated (fake-quant) only
+    runs_on: str
+
+    # Rows were 5-tuples; unpacking and indexing still read them in that order.
+    def __iter__(self):
+        return iter(dataclasses.astuple(self))
+
+    def __getitem__(self, index: int):
+        return dataclasses.astuple(self)[index]
+
+
+SETTINGS: dict[str, SettingSpec] = {
+    "w8a8": SettingSpec(8, "channel", 8, True, "TensorRT INT8 QDQ; ONNX Runtime QDQ"),
+    "w4a16": SettingSpec(4, "group", None, True, "TensorRT INT4 weight-only; ONNX Runtime MatMulNBits"),
+    "w4a8": SettingSpec(4, "group", 8, True, "ONNX Runtime (exact QDQ)"),
+    "w3a16": SettingSpec(3, "group", None, True, "ONNX Runtime (exact QDQ)"),
+    "w6a6": SettingSpec(6, "channel", 6, False, "simulated (fake-quant) only"),
+    "w4a4": SettingSpec(4, "channel", 4, False, "simulated (fake-quant) only"),
 }
 # method_args that change the graph beyond what export writes: the state is simulated only, whatever the setting
 SIMULATED_ARGS: dict[tuple[str, str], str] = {
     ("irm_form", "layernorm"): "Q-ViT's LayerNorm IRM adds normalisation nodes on q and k that the exported graph "
                                "does not carry; use irm_form: fold to export",
 }
+# method_args that change what is shown, never the result: split off into QuantRecipe.display on load
+DISPLAY_ARGS = ("progress",)
 # The settings TensorRT builds; W4A8 and W3A16 are ONNX Runtime formats (DESIGN.md section 4).
 TENSORRT_SETTINGS = ("w8a8", "w4a16")
 
@@ -77,6 +98,13 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class Display:
+    """How a search reports itself. Not part of the recipe's identity: toggling it must not redo a search."""
+
+    progress: bool = True  # a progress bar per block (and per search step where the method has one)
+
+
+@dataclass(frozen=True)
 class QuantRecipe:
     method: str
     setting: str
@@ -86,6 +114,8 @@ class QuantRecipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     method_args: dict[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
+    # Kept out of ==, to_dict (recipe.yaml, the manifest's identity, checkpoint fingerprints) on purpose.
+    display: Display = field(default_factory=Display, compare=False, repr=False)
 
     @property
     def simulated_by(self) -> str | None:
@@ -94,18 +124,26 @@ class QuantRecipe:
 
     @property
     def deployable(self) -> bool:
-        return SETTINGS[self.setting][3] and self.simulated_by is None
+        return SETTINGS[self.setting].deployable and self.simulated_by is None
 
     @property
     def runs_on(self) -> str:
         why = self.simulated_by
-        return SETTINGS[self.setting][4] if why is None else f"simulated (fake-quant) only: {why}"
+        return SETTINGS[self.setting].runs_on if why is None else f"simulated (fake-quant) only: {why}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["display"]
+        return d
 
     def with_method_args(self, **overrides: Any) -> QuantRecipe:
-        return dataclasses.replace(self, method_args={**self.method_args, **overrides})
+        """Overrides merged into ``method_args``; display options among them go to ``display``, as on load."""
+        display = {key: overrides.pop(key) for key in DISPLAY_ARGS if key in overrides}
+        out = dataclasses.replace(self, method_args={**self.method_args, **overrides})
+        return out.with_display(**display) if display else out
+
+    def with_display(self, **options: Any) -> QuantRecipe:
+        return dataclasses.replace(self, display=dataclasses.replace(self.display, **options))
 
 
 def _section(cls, raw: Any, where: str, defaults: dict[str, Any] | None = None):
@@ -122,14 +160,19 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
         raise QvlmError(f"{source}: a recipe must be a YAML mapping with 'method' and 'setting'")
     allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version"}
     reject_unknown_keys(raw, allowed, source)
+    version = raw.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION or isinstance(version, bool):
+        raise QvlmError(f"{source}: recipe version {version!r} is not supported (this qvlm-export reads version "
+                        f"{RECIPE_VERSION}); write the recipe for version {RECIPE_VERSION} or upgrade qvlm-export")
     method, setting = raw.get("method"), str(raw.get("setting", "")).lower()
     if method not in METHODS:
         raise QvlmError(f"{source}: method must be one of {list(METHODS)}, got {method!r}")
     if setting not in SETTINGS:
         raise QvlmError(f"{source}: setting must be one of {list(SETTINGS)}, got {raw.get('setting')!r}")
-    wbits, wgran, abits, _, _ = SETTINGS[setting]
-    weights = _section(WeightSpec, raw.get("weights"), f"{source}: weights", {"bits": wbits, "granularity": wgran})
-    acts = _section(ActivationSpec, raw.get("activations"), f"{source}: activations", {"bits": abits})
+    spec = SETTINGS[setting]
+    weights = _section(WeightSpec, raw.get("weights"), f"{source}: weights",
+                       {"bits": spec.weight_bits, "granularity": spec.weight_granularity})
+    acts = _section(ActivationSpec, raw.get("activations"), f"{source}: activations", {"bits": spec.act_bits})
     if not 2 <= weights.bits <= 8:
         raise QvlmError(f"{source}: weights.bits must be in 2..8, got {weights.bits}")
     if weights.granularity not in ("tensor", "channel", "group"):
@@ -141,11 +184,14 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
     method_args = raw.get("method_args") or {}
     if not isinstance(method_args, dict):
         raise QvlmError(f"{source}: method_args must be a mapping")
+    method_args = dict(method_args)
+    display = {key: method_args.pop(key) for key in DISPLAY_ARGS if key in method_args}
     return QuantRecipe(
         method=method, setting=setting, weights=weights, activations=acts,
         modules=_section(ModuleSpec, raw.get("modules"), f"{source}: modules"),
         calibration=_section(CalibrationSpec, raw.get("calibration"), f"{source}: calibration"),
-        method_args=dict(method_args),
+        method_args=method_args,
+        display=Display(**typed_fields(Display, display, f"{source}: method_args")),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import QvlmError
 from ..quant import functional as F
+from ..quant.primitives import grouped, round_clamp
 
 
 # -- AWQ (Lin et al., MLSys 2024) ----------------------------------------------------------------
@@ -38,12 +39,12 @@ def awq_clip_ratio(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
     smallest mean over tokens of ``(q_g . x_g - w_g . x_g)^2``. ``x`` is ``[tokens, in]``.
     Returns ``[out, ceil(in / group_size)]``.
     """
-    _, qmax = F.qrange(bits, True)
-    out_f, in_f = w.shape
-    n_groups = math.ceil(in_f / group_size)
-    pad = n_groups * group_size - in_f  # zero padding adds nothing to a partial output
-    wg = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out_f, n_groups, group_size).transpose(0, 1)
-    xg = torch.nn.functional.pad(x.float(), (0, pad)).reshape(x.shape[0], n_groups, group_size).permute(1, 2, 0)
+    qmin, qmax = F.qrange(bits, True)
+    out_f = w.shape[0]
+    # zero padding of a ragged last group adds nothing to a partial output; contiguous as the padded copy was
+    wg = grouped(w.float().contiguous(), group_size).transpose(0, 1)
+    xg = grouped(x.float().contiguous(), group_size).permute(1, 2, 0)
+    n_groups = wg.shape[0]
     best_ratio = torch.ones(n_groups, out_f, device=w.device)
     for start in range(0, out_f, chunk):
         wc = wg[:, start:start + chunk]  # [groups, rows, group_size]
@@ -53,7 +54,7 @@ def awq_clip_ratio(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
         for i in range(int(max_shrink * grid)):
             ratio = 1 - i / grid
             scale = absmax * ratio / qmax
-            q = torch.clamp(torch.round(wc / scale), -qmax - 1, qmax) * scale
+            q = round_clamp(wc / scale, qmin, qmax) * scale
             err = (torch.bmm(q, xg) - reference).pow(2).mean(dim=-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -139,7 +140,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
                 s, z = scale[:, g], zero[:, g]
             else:
                 s, z = (scale, zero) if granularity == "channel" else (scale.expand(out_f), zero.expand(out_f))
-            q = torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax)
+            q = round_clamp(w1[:, i] / s, qmin, qmax, z)
             codes[:, col] = q.to(torch.int32)
             if seen is not None:
                 seen[:, col] = w1[:, i]

@@ -67,7 +67,7 @@ def state_to_cpu(state: QuantState) -> QuantState:
 def block_weights(method, device: str) -> bool:
     """Keep only the current block's weights on an accelerator (not on the host, where it changes nothing;
     not for methods whose plan runs the whole model, such as Q-VLM's Jacobian and entropy probes)."""
-    return device != "cpu" and not getattr(method, "whole_model_plan", False)
+    return device != "cpu" and not method.capabilities.whole_model_plan
 
 
 def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: str | Path | None, blocks: bool):
@@ -120,7 +120,7 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
     """The state and the samples it saw; data-free methods (weight-only RTN) read no data at all."""
     from ..quant.calibrate import quantize_without_data
 
-    if getattr(method, "data_free", lambda: False)():
+    if method.capabilities.data_free:
         state = quantize_without_data(vlm, rec, method.weight_rule, device)
         state.extras["calibration"] = {"data": None, "samples": 0, "device": device,
                                        "why": "weight-only round-to-nearest reads no activations"}
@@ -144,21 +144,23 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
 
     from ..load.model import load_vlm, resolve_model_path
     from ..memory import QUANTIZE_FACTOR, require_memory, resolve_load_dtype
-    from .registry import get_method
+    from .registry import build_method, check_family
 
     rec = recipe if isinstance(recipe, QuantRecipe) else load_recipe(recipe)
+    rec = rec.with_display(progress=progress and rec.display.progress)  # reaches the methods' per-block bars
     if rec.method == "fp":
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
-    method = get_method(rec.method)(rec)
+    method = build_method(rec)
     device = resolve_device(device)
     path = resolve_model_path(model)
     load_dtype = resolve_load_dtype(dtype, path)
     require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
-    data_free = getattr(method, "data_free", lambda: False)()
+    data_free = method.capabilities.data_free
     samples = None if data_free else calibration_samples(calib, rec.calibration)  # bad data fails before the load
     # per-block placement (and data-free methods) load on the host and move weights as they go
     on_host = block_weights(method, device) or data_free
     vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
+    check_family(method, vlm.model)
     start = time.perf_counter()
     state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples)
     seconds = time.perf_counter() - start

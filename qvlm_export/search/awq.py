@@ -27,12 +27,12 @@ from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
 from .algorithms import awq_clip_ratio, awq_scales, pseudo_quantize
-from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
-from .registry import register_method
+from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .baseline_configs import AWQConfig, method_config
+from .registry import Capabilities, register_method
 from .smoothing import ScaleGroup, find_scale_groups, fold_scales
 from .stats import InputStats, capture_calls, collect_input_stats, masked_mse, unit_of
 
-_ARGS = {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "clip_tokens": 512}
 _NO_CLIP = ("q_proj", "k_proj")
 
 
@@ -67,9 +67,17 @@ def search_exponent(linears: list[nn.Linear], absmean: torch.Tensor, spec, grid:
 
 @register_method("awq")
 class AWQ:
+    config_type = AWQConfig
+    capabilities = Capabilities()
+
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.args = method_args(recipe, _ARGS)
+        self.config: AWQConfig = method_config(recipe, AWQConfig)
+
+    @property
+    def args(self) -> dict:
+        """The config as the recipe's ``method_args`` mapping (every key, defaults filled)."""
+        return self.config.to_dict()
 
     def plan(self, calibrator) -> None:
         return None
@@ -88,16 +96,16 @@ class AWQ:
             outs = [_first(module(*a, **k)) for a, k in calls]
             return masked_mse(ctx, outs, targets, unit_of(ctx, inspect_name))
 
-        ratio, s, _ = search_exponent(linears, absmean, w, int(self.args["grid"]), error)
+        ratio, s, _ = search_exponent(linears, absmean, w, self.config.grid, error)
         return ratio, s
 
     def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
         w, weight = self.recipe.weights, linear.weight.detach()
-        if not self.args["clip"] or w.granularity == "tensor" or name.endswith(_NO_CLIP):
+        if not self.config.clip or w.granularity == "tensor" or name.endswith(_NO_CLIP):
             return rtn_layer(weight, self.recipe)
         group = w.group_size if w.granularity == "group" else weight.shape[1]
-        ratio = awq_clip_ratio(weight, stats.sample_rows(), w.bits, group, int(self.args["clip_grid"]),
-                               float(self.args["max_shrink"]))
+        ratio = awq_clip_ratio(weight, stats.sample_rows(), w.bits, group, self.config.clip_grid,
+                               self.config.max_shrink)
         return rtn_layer(weight, self.recipe, clip_ratio=ratio if w.granularity == "group" else ratio.reshape(-1))
 
     def block(self, ctx: BlockContext) -> None:
@@ -110,5 +118,5 @@ class AWQ:
             ratios[group.producer] = ratio
         record_rewritten_parameters(ctx, before)
         ctx.extras["awq_ratio"] = ratios
-        keep = int(self.args["clip_tokens"]) if self.args["clip"] else 0
+        keep = self.config.clip_tokens if self.config.clip else 0
         quantize_sequentially(ctx, self.rule, keep_tokens=keep)

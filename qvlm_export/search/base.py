@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
-from ..quant.modules import activation_scale
+from ..quant.primitives import absmax_scale
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
 from .stats import InputStats, collect_input_stats, input_groups
@@ -26,26 +24,12 @@ from .stats import InputStats, collect_input_stats, input_groups
 WeightRule = Callable[[str, nn.Linear, InputStats], LayerQuant]
 
 
-def method_args(recipe: QuantRecipe, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's method_args over ``defaults``; an unknown key is a one-line error naming the allowed ones."""
-    unknown = sorted(set(recipe.method_args) - set(defaults))
-    if unknown:
-        raise QvlmError(f"{recipe.method}: unknown method_args key {unknown[0]!r}; allowed: {sorted(defaults)}")
-    for key, value in recipe.method_args.items():  # each value must have its default's type (ints pass as floats)
-        default = defaults[key]
-        kinds = (int, float) if isinstance(default, float) else type(default)
-        if default is not None and (not isinstance(value, kinds) or isinstance(value, bool) != isinstance(default, bool)):
-            raise QvlmError(f"{recipe.method}: method_args.{key} must be {type(default).__name__} like {default!r}, "
-                            f"got {value!r}")
-    return {**defaults, **recipe.method_args}
-
-
 def static_input_scale(stats: InputStats, recipe: QuantRecipe) -> torch.Tensor | None:
     """Symmetric per-tensor scale from the absmax of the calibration inputs (None for A16)."""
     bits = recipe.activations.bits
     if bits is None:
         return None
-    return activation_scale(stats.absmax, bits).to(stats.absmax.device)
+    return absmax_scale(stats.absmax, bits).to(stats.absmax.device)
 
 
 def quantize_sequentially(ctx: BlockContext, rule: WeightRule, hessian: bool = False, keep_tokens: int = 0) -> None:

@@ -15,35 +15,38 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant, code_dtype
 from .algorithms import gptq_quantize
-from .base import method_args, quantize_sequentially
-from .registry import register_method
+from .base import quantize_sequentially
+from .baseline_configs import GPTQConfig, method_config
+from .registry import Capabilities, register_method
 from .stats import InputStats
-
-_ARGS = {"damp": 0.01, "block_size": 128, "act_order": False, "static_groups": False}
 
 
 @register_method("gptq")
 class GPTQ:
+    config_type = GPTQConfig
+    capabilities = Capabilities()
+
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.args = method_args(recipe, _ARGS)
-        if not 0 < float(self.args["damp"]) < 1:
-            raise QvlmError(f"gptq: method_args.damp must be in (0, 1), got {self.args['damp']}")
+        self.config: GPTQConfig = method_config(recipe, GPTQConfig)
+
+    @property
+    def args(self) -> dict:
+        """The config as the recipe's ``method_args`` mapping (every key, defaults filled)."""
+        return self.config.to_dict()
 
     def plan(self, calibrator) -> None:
         return None
 
     def rule(self, name: str, linear: nn.Linear, stats: InputStats) -> LayerQuant:
-        w = self.recipe.weights
+        w, cfg = self.recipe.weights, self.config
         codes, scale, zero = gptq_quantize(
             linear.weight.detach(), stats.hessian, w.bits, w.granularity, w.group_size, w.symmetric,
-            damp=float(self.args["damp"]), block_size=int(self.args["block_size"]),
-            act_order=bool(self.args["act_order"]), static_groups=bool(self.args["static_groups"]))
+            damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
         return LayerQuant(weight_codes=codes.to(code_dtype(w.symmetric)), weight_scale=scale.float(), weight_zero_point=zero,
                           weight_bits=w.bits, granularity=w.granularity, group_size=w.group_size,
                           symmetric=w.symmetric)

@@ -9,8 +9,9 @@ from ..quant.calibrate import BlockContext
 from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
-from .base import method_args, quantize_sequentially
-from .registry import register_method
+from .base import quantize_sequentially
+from .baseline_configs import RTNConfig, method_config
+from .registry import Capabilities, register_method
 from .stats import InputStats
 
 
@@ -18,16 +19,19 @@ from .stats import InputStats
 class RTN:
     """Weights rounded to nearest on their absmax grid; static absmax input scales."""
 
+    config_type = RTNConfig
+
     def __init__(self, recipe: QuantRecipe):
-        method_args(recipe, {})
+        self.config = method_config(recipe, RTNConfig)
         self.recipe = recipe
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # weight-only RTN reads no activations: quantize skips the dataset and every forward pass
+        return Capabilities(data_free=self.recipe.activations.bits is None)
 
     def plan(self, calibrator) -> None:
         return None
-
-    def data_free(self) -> bool:
-        """Weight-only RTN reads no activations: quantize skips the dataset and every forward pass."""
-        return self.recipe.activations.bits is None
 
     def weight_rule(self, name: str, weight: torch.Tensor) -> LayerQuant:
         return rtn_layer(weight, self.recipe)

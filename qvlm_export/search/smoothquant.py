@@ -14,24 +14,26 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import QvlmError
 from ..quant.calibrate import BlockContext
 from ..quant.modules import rtn_layer
 from ..quant.recipe import QuantRecipe
 from ..quant.state import LayerQuant
-from .base import method_args, quantize_sequentially, record_rewritten_parameters, snapshot_parameters
-from .registry import register_method
+from .base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
+from .baseline_configs import SmoothQuantConfig, method_config
+from .registry import Capabilities, register_method
 from .smoothing import consumer_weight_absmax, find_scale_groups, fold_scales, smoothquant_scales
 from .stats import InputStats, collect_input_stats
 
 
 @register_method("smoothquant")
 class SmoothQuant:
+    config_type = SmoothQuantConfig
+    capabilities = Capabilities()
+
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.alpha = float(method_args(recipe, {"alpha": 0.5})["alpha"])
-        if not 0.0 <= self.alpha <= 1.0:
-            raise QvlmError(f"smoothquant: method_args.alpha must be in [0, 1], got {self.alpha}")
+        self.config = method_config(recipe, SmoothQuantConfig)
+        self.alpha = self.config.alpha
 
     def plan(self, calibrator) -> None:
         return None

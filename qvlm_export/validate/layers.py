@@ -52,7 +52,7 @@ def _hidden_states(vlm, batch) -> list[tuple[str, Any]]:
 
     with torch.inference_mode():
         tiles = vlm.family.tiles_torch(vlm.model, batch)
-        vision = vlm.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states
+        vision = vlm.model.get_submodule(vlm.family.vision_tower)(tiles, output_hidden_states=True).hidden_states
         out = vlm.model(**batch, output_hidden_states=True)
     named = [(f"vision.layers.{i}", h) for i, h in enumerate(vision[1:])]
     named += [(f"decoder.layers.{i}", h) for i, h in enumerate(out.hidden_states[1:])]

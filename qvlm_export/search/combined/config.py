@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ...config_types import typed_fields
 from ...errors import QvlmError
@@ -35,6 +35,8 @@ class CombinedConfig:
         choose_on: ``held`` (the held-out batches decide) or ``both`` (the combined search must also
             have the smaller error on the whole calibration set).
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     token_weights: bool = True
     token_mix: float = 0.5

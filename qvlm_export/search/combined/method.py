@@ -25,7 +25,7 @@ from ..qvlm.method import QVLMMethod
 from ..qvlm.probes import uses_mask
 from ..registry import register_method
 from .choice import HeldOutJudge, restore_linears
-from .config import combined_config
+from .config import CombinedConfig, combined_config
 from .token_weights import block_token_weights
 
 
@@ -33,11 +33,13 @@ from .token_weights import block_token_weights
 class QVLMPlus(QVLMMethod):
     """Q-VLM with QIG's token weights and Q-ViT's DGD/IRM; see docs/combined.md."""
 
+    config_type = CombinedConfig  # its own options; ``config`` is the Q-VLM search's
+
     def __init__(self, recipe: QuantRecipe):
         source = f"recipe {recipe.method}-{recipe.setting}"
         self.plus, qvlm = combined_config(recipe.method_args, source)
         super().__init__(dataclasses.replace(recipe, method_args={}))
-        self.recipe, self.config = recipe, qvlm
+        self.recipe, self.config = recipe, dataclasses.replace(qvlm, progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if qvlm.seed is None else qvlm.seed
         self._pending: tuple[list, list] | None = None
         self._plain = False  # this pass is plain Q-VLM (choose_per_block)

@@ -16,7 +16,8 @@ import copy
 import torch
 
 from ...quant.calibrate import BlockContext
-from ...quant.modules import QuantLinear, activation_scale, rtn_layer, set_submodule
+from ...quant.modules import QuantLinear, rtn_layer, set_submodule
+from ...quant.primitives import absmax_scale
 from ..qig.ig import integrated_gradients, token_weights
 from ..stats import batch_mask, collect_input_stats
 from .config import CombinedConfig
@@ -34,7 +35,7 @@ def rtn_copies(ctx: BlockContext) -> list[torch.nn.Module]:
                 continue
             rel = name[len(unit.name) + 1:]
             lin = mod.get_submodule(rel)
-            scale = activation_scale(stats[name].absmax, bits) if bits else None
+            scale = absmax_scale(stats[name].absmax, bits) if bits else None
             q = QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias, lin.weight.dtype)
             set_submodule(mod, rel, q)
     for m in copies:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ...config_types import known_options
 from ...errors import QvlmError
@@ -39,6 +39,8 @@ class QIGConfig:
             ``qig`` (the token-weighted ``loss``).
         holdout: share of the calibration batches held out for that choice.
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     grid: int = 20
     ig_steps: int = 32

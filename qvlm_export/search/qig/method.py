@@ -18,7 +18,7 @@ from ...quant.recipe import QuantRecipe
 from ..awq import AWQ
 from ..base import quantize_sequentially, record_rewritten_parameters, snapshot_parameters
 from ..qvlm.block_search import split_batches
-from ..registry import register_method
+from ..registry import Capabilities, register_method
 from ..smoothing import ScaleGroup, find_scale_groups, fold_scales
 from ..stats import collect_input_stats
 from .config import QIGConfig, qig_config
@@ -35,6 +35,9 @@ def awq_for_clipping(recipe: QuantRecipe, cfg: QIGConfig) -> AWQ:
 @register_method("qig")
 class QIGMethod:
     """Token-weighted (integrated-gradient) AWQ scale search; see docs/qig.md."""
+
+    config_type = QIGConfig
+    capabilities = Capabilities()
 
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe

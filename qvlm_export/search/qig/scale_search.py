@@ -17,7 +17,7 @@ from torch import nn
 
 from ...quant import functional as F
 from ...quant.calibrate import BlockContext
-from ...quant.modules import activation_scale
+from ...quant.primitives import absmax_scale
 from ...quant.recipe import QuantRecipe
 from ..algorithms import pseudo_quantize
 from ..awq import search_exponent
@@ -78,7 +78,7 @@ def quantized_copy(ctx: BlockContext, group: ScaleGroup, stats: dict[str, InputS
         with torch.no_grad():
             lin.weight.copy_(pseudo_quantize(lin.weight.float(), w.bits, w.granularity, w.group_size).to(lin.weight.dtype))
         if abits is not None:
-            step = activation_scale(stats[consumer].absmax, abits).to(lin.weight.device)
+            step = absmax_scale(stats[consumer].absmax, abits).to(lin.weight.device)
             lin.register_forward_pre_hook(lambda _m, a, s=step: (F.fake_quantize(a[0], s.to(a[0].dtype), _ZERO, abits),))
     fq.requires_grad_(False)
     return fq

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ...config_types import known_options
 from ...errors import QvlmError
@@ -31,8 +31,10 @@ class QViTConfig:
         start, holdout: as Q-VLM's: the layer-wise solutions a block may start from, and the share
             of calibration batches that decide whether the searched block (with its IRM) replaces it.
         seed: search seed; ``None`` takes the recipe's calibration seed.
-        progress: show a progress bar per block.
+        progress: show a progress bar per block. Display only, as Q-VLM's (set from the recipe's ``display``).
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     vision_block_units: int = 0
     lambda_dgd: float = 0.1
@@ -45,10 +47,12 @@ class QViTConfig:
     start: tuple[str, ...] = ("rtn", "gptq", "gptq_mse")
     holdout: float = 0.25
     seed: int | None = None
-    progress: bool = True
+    progress: bool = field(default=True, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["progress"]
+        return d
 
 
 def qvit_config(args: dict[str, Any], source: str = "method_args") -> QViTConfig:

@@ -21,7 +21,7 @@ from ...quant.recipe import QuantRecipe
 from ..qvlm.block_search import search_block
 from ..qvlm.config import QVLMConfig, config_from_args
 from ..qvlm.probes import uses_mask
-from ..registry import register_method
+from ..registry import Capabilities, register_method
 from .block import fold_irms, layernorm_extras, vision_hooks
 from .config import QViTConfig, qvit_config
 
@@ -49,9 +49,13 @@ def vision_partition(kinds: list[str], size: int) -> list[list[int]]:
 class QViTMethod:
     """Block reconstruction with Q-ViT's DGD and IRM in the vision blocks; see docs/qvit.md."""
 
+    config_type = QViTConfig
+    capabilities = Capabilities()
+
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.config = qvit_config(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}")
+        self.config = dataclasses.replace(qvit_config(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}"),
+                                          progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if self.config.seed is None else self.config.seed
         self.masks = None
 

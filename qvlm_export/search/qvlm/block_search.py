@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...quant.calibrate import BlockContext
-from ...quant.modules import QuantLinear, activation_scale, rtn_layer
+from ...quant.modules import QuantLinear, rtn_layer
+from ...quant.primitives import absmax_scale
 from .config import QVLMConfig
 from .entropy import probe_scale
 from .search_linear import SearchLinear, act_quant_error, mse_act_scale
@@ -122,7 +123,7 @@ def rtn_block_error(ctx: BlockContext, targets, masks, absmax: dict[str, float],
     originals = dict(ctx.linears())
     bits = ctx.recipe.activations.bits
     for name, lin in originals.items():
-        scale = activation_scale(absmax[name], bits) if bits else None
+        scale = absmax_scale(absmax[name], bits) if bits else None
         swap_module(ctx, name, QuantLinear(rtn_layer(lin.weight.detach(), ctx.recipe, scale), lin.bias, lin.weight.dtype))
     try:
         return block_error(ctx, targets, masks, token_normalised)
@@ -159,7 +160,7 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
     for p in frozen:
         p.requires_grad_(False)  # only rounding logits and steps learn; keep the model's .grad untouched
     act_mse = {n: mse_act_scale(errors[n], absmax[n], bits) if bits else None for n, _ in ctx.linears()}
-    act_absmax = {n: activation_scale(absmax[n], bits) if bits else None for n, _ in ctx.linears()}
+    act_absmax = {n: absmax_scale(absmax[n], bits) if bits else None for n, _ in ctx.linears()}
     try:
         search, start, init_err = choose_start(ctx, cfg.start, act_mse, act_absmax, cfg.clip_grid,
                                                lambda: block_error(ctx, targets, masks, cfg.token_normalised))

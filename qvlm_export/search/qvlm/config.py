@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ...config_types import known_options
 from ...errors import QvlmError
@@ -40,8 +40,11 @@ class QVLMConfig:
         holdout: fraction of the calibration batches the rounding search does not train on; they
             decide whether the searched block replaces its start (0: decide on the training batches).
         seed: search seed; ``None`` takes the recipe's calibration seed.
-        progress: show a progress bar per block.
+        progress: show a progress bar per block. Display only: the method sets it from the recipe's
+            ``display`` (``quantize(progress=...)``); it is left out of ``==`` and ``to_dict``.
     """
+
+    version: ClassVar[int] = 1  # bumped when a field's meaning changes
 
     p: float = 0.6
     max_depth: int = 3
@@ -60,10 +63,12 @@ class QVLMConfig:
     start: tuple[str, ...] = ("rtn", "gptq", "gptq_mse")
     holdout: float = 0.25
     seed: int | None = None
-    progress: bool = True
+    progress: bool = field(default=True, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["progress"]
+        return d
 
 
 def config_from_args(args: dict[str, Any], source: str = "method_args") -> QVLMConfig:

@@ -21,19 +21,19 @@ from __future__ import annotations
 import torch
 
 from ...quant import functional as F
+from ...quant.primitives import absmax_scale, round_clamp
 
 
 def probe_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Scale of a symmetric per-tensor ``bits``-bit probe covering ``[-absmax, absmax]``."""
-    _, qmax = F.qrange(bits, True)
-    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / qmax
+    return absmax_scale(absmax, bits)
 
 
 def probe_codes(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Integer codes (int64) of ``x`` under a symmetric per-tensor probe."""
     qmin, qmax = F.qrange(bits, True)
     s = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    return torch.clamp(torch.round(x.detach() / s), qmin, qmax).to(torch.int64)
+    return round_clamp(x.detach() / s, qmin, qmax).to(torch.int64)
 
 
 def valid_elements(codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ term for vision blocks; its statistics go to the state's ``qvlm_blocks`` extras.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 
@@ -23,7 +24,7 @@ import torch
 
 from ...quant.calibrate import BlockContext, SequentialCalibrator
 from ...quant.recipe import QuantRecipe
-from ..registry import register_method
+from ..registry import Capabilities, register_method
 from .block_search import SearchHooks, search_block
 from .config import QVLMConfig, config_from_args
 from .partition import partition_units
@@ -40,12 +41,15 @@ def block_seed(seed: int, unit_names: list[str]) -> int:
 class QVLMMethod:
     """Entropy-guided block partition + block-wise AdaRound/LSQ search + visual-encoder optimisation."""
 
+    config_type = QVLMConfig
     # plan() runs the whole model (Jacobian norms, entropy probes): it must all be on the device
-    whole_model_plan = True
+    capabilities = Capabilities(whole_model_plan=True)
 
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
-        self.config: QVLMConfig = config_from_args(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}")
+        self.config: QVLMConfig = dataclasses.replace(
+            config_from_args(recipe.method_args, source=f"recipe {recipe.method}-{recipe.setting}"),
+            progress=recipe.display.progress)
         self.seed = recipe.calibration.seed if self.config.seed is None else self.config.seed
         self.weights: dict[str, float] = {}
         self.masks: list[torch.Tensor] | None = None

@@ -26,20 +26,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...quant import functional as F
+from ...quant.primitives import MIN_SCALE, round_clamp, sum_over_units
 from ...quant.recipe import QuantRecipe, WeightSpec
 from ...quant.state import LayerQuant
-
-
-def _reduce_units(err: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """Sum an elementwise error of a ``[out, in]`` weight over each quantization unit."""
-    if spec.granularity == "tensor":
-        return err.sum()
-    if spec.granularity == "channel":
-        return err.sum(dim=1)
-    out_f, in_f = err.shape
-    n_groups = -(-in_f // spec.group_size)
-    padded = nn.functional.pad(err, (0, n_groups * spec.group_size - in_f))
-    return padded.reshape(out_f, n_groups, spec.group_size).sum(-1)
 
 
 def mse_weight_qparams(w: torch.Tensor, spec: WeightSpec, grid: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +37,8 @@ def mse_weight_qparams(w: torch.Tensor, spec: WeightSpec, grid: tuple[float, ...
     for ratio in grid:
         scale, zp = F.choose_qparams(w, spec.bits, spec.symmetric, spec.granularity, spec.group_size, clip_ratio=ratio)
         codes = F.quantize(w, scale, zp, spec.bits, spec.symmetric, spec.granularity, spec.group_size)
-        err = _reduce_units((w - F.dequantize(codes, scale, zp, spec.granularity, spec.group_size)).pow(2), spec)
+        err = sum_over_units((w - F.dequantize(codes, scale, zp, spec.granularity, spec.group_size)).pow(2),
+                             spec.granularity, spec.group_size)
         if best_err is None:
             best_scale, best_zp, best_err = scale, zp, err
             continue
@@ -63,16 +53,16 @@ def mse_act_scale(errors: dict[float, float], absmax: float, bits: int) -> torch
     """The per-tensor step ``ratio * absmax / qmax`` with the smallest accumulated error."""
     ratio = min(errors, key=lambda r: (errors[r], -r))
     _, qmax = F.qrange(bits, True)
-    return torch.tensor(max(absmax * ratio, 1e-8) / qmax, dtype=torch.float32)
+    return torch.tensor(max(absmax * ratio, MIN_SCALE) / qmax, dtype=torch.float32)  # in float64, then rounded
 
 
 def act_quant_error(x: torch.Tensor, absmax: float, bits: int, grid: tuple[float, ...]) -> dict[float, float]:
     """Squared error of per-tensor quantization of ``x`` for each clipping ratio of ``grid``."""
-    _, qmax = F.qrange(bits, True)
+    qmin, qmax = F.qrange(bits, True)
     out = {}
     for ratio in grid:
-        s = torch.tensor(max(absmax * ratio, 1e-8) / qmax, dtype=x.dtype, device=x.device)
-        fq = torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+        s = torch.tensor(max(absmax * ratio, MIN_SCALE) / qmax, dtype=x.dtype, device=x.device)
+        fq = round_clamp(x / s, qmin, qmax) * s
         out[ratio] = float((x - fq).pow(2).sum())
     return out
 

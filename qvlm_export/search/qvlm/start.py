@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ...quant.calibrate import BlockContext
-from ...quant.modules import activation_scale, set_submodule
+from ...quant.modules import set_submodule
+from ...quant.primitives import absmax_scale
 from ..algorithms import gptq_quantize
 from ..stats import collect_input_stats, input_groups
 from .search_linear import SearchLinear, mse_weight_qparams
@@ -75,7 +76,7 @@ def gptq_start(ctx: BlockContext, originals: dict[str, nn.Linear], groups: list[
             seen = torch.zeros_like(w)
             _, scale, zero = gptq_quantize(w, hessian, spec.bits, spec.granularity, spec.group_size,
                                            spec.symmetric, damp=GPTQ_DAMP, fixed_scale=fixed, seen=seen)
-            step = act[name] if grid is not None or bits is None else activation_scale(stats.absmax, bits)
+            step = act[name] if grid is not None or bits is None else absmax_scale(stats.absmax, bits)
             sl = SearchLinear(lin, ctx.recipe, step, grid or (1.0,), start=(seen, scale, zero), lazy=True).to(w.device)
             sl.hard = True
             search[name] = sl

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ...quant.calibrate import CalibBatch, Unit
-from ...quant.modules import QuantLinear, activation_scale, quantizable_linears, rtn_layer, set_submodule
+from ...quant.modules import QuantLinear, quantizable_linears, rtn_layer, set_submodule
+from ...quant.primitives import absmax_scale
 from ...quant.recipe import QuantRecipe
 from .entropy import soft_entropy
 from .search_linear import SearchLinear
@@ -62,7 +63,7 @@ def rtn_layers(model: nn.Module, recipe: QuantRecipe, batches: Sequence[CalibBat
     layers = {}
     for name in names:
         lin = model.get_submodule(name)
-        scale = activation_scale(absmax[name], bits) if bits else None
+        scale = absmax_scale(absmax[name], bits) if bits else None
         layers[name] = QuantLinear(rtn_layer(lin.weight.detach(), recipe, scale), lin.bias, lin.weight.dtype)
     return layers
 
