@@ -27,7 +27,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qvlm_export.data.synthetic import QUESTION_TYPES, SPLIT_SEEDS, make_sample, make_split  # noqa: E402
+from qvlm_export.data.synthetic import (  # noqa: E402
+    COLORS,
+    POSITIONS,
+    QUESTION_TYPES,
+    SHAPES,
+    SPLIT_SEEDS,
+    make_sample,
+    make_split,
+    scene_targets,
+)
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
 from qvlm_export.load import real_weights as rw  # noqa: E402
@@ -58,6 +67,48 @@ def encode_pool(processor, start: int, n: int):
         lab[i, :len(l_)] = torch.tensor(l_)
         mask[i, :len(s)] = 1
     return pixels, ids, mask, lab
+
+
+def description_ids(tokenizer, start: int, n: int) -> torch.Tensor:
+    """Per sample, 16 word ids describing the scene cell by cell: colour, shape, row, column ("no object" if empty).
+
+    Stage 1 teaches the tower and projector to emit embeddings the frozen LM already reads as words,
+    so it can bind "is there a red circle ?" to the image (a soft prompt alone left presence at chance).
+    """
+    def word(w: str) -> int:
+        return tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
+
+    colors = list(COLORS)
+    rows = []
+    for i in range(start, start + n):
+        ids = []
+        for cell, (shape, color) in enumerate(scene_targets(SPLIT_SEEDS["train"], i)):
+            row, col = POSITIONS[cell].split()
+            what = [colors[color - 1], SHAPES[shape - 1]] if shape else ["no", "object"]
+            ids += [word(w) for w in (*what, row, col)]
+        rows.append(ids)
+    return torch.tensor(rows)
+
+
+def describe(model, pool_pixels, targets, args, rng) -> None:
+    """Stage 1: image tokens regress onto the scene description's word embeddings (no LM forward)."""
+    embed = model.model.language_model.embed_tokens.weight.detach()
+    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(args.describe_steps):
+        idx = torch.from_numpy(rng.choice(len(targets), size=64))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.describe_steps, args.lr)
+        hidden = model.model.vision_tower(pool_pixels[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
+        features = model.model.multi_modal_projector(hidden)  # the "default" strategy: CLS dropped
+        want = embed[targets[idx]]
+        loss = (features - want).pow(2).sum(-1).mean() / want.pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == args.describe_steps - 1:
+            print(f"[describe {step}] relative error {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
 
 
 def answer_loss(model, pixels, ids, mask, labels):
@@ -98,6 +149,15 @@ def train(args) -> dict:
     pool = encode_pool(processor, 0, args.pool)
     print(f"encoded {args.pool} samples, width {pool[1].shape[1]} ({time.time() - t0:.0f}s)", flush=True)
     rng = np.random.default_rng(args.seed)
+    if args.describe_steps:
+        model.requires_grad_(False)
+        model.model.vision_tower.requires_grad_(True)
+        model.model.multi_modal_projector.requires_grad_(True)
+        describe(model, pool[0], description_ids(processor.tokenizer, 0, args.pool), args, rng)
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        if trainable_tower:
+            model.model.vision_tower.requires_grad_(True)
     type_weight = np.array([args.type_weights.get(t, 1.0) for t in QUESTION_TYPES])
     probs = type_weight[np.arange(args.pool) % len(QUESTION_TYPES)]
     probs = probs / probs.sum()
@@ -148,6 +208,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="projector peak learning rate")
     p.add_argument("--tower-lr", type=float, default=2e-4, help="vision tower peak learning rate (0 freezes it)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--describe-steps", type=int, default=0, help="stage 1: regress image tokens onto word embeddings")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--init-from", default=None, help="a parts .safetensors to continue from (default: the embedded tower)")
     p.add_argument("--save-every", type=int, default=10, help="write OUT/checkpoint/ every N steps (0: never)")
