@@ -37,8 +37,12 @@ from qvlm_export.load.model import LoadedVLM, build_prompt  # noqa: E402
 from qvlm_export.load.tiny import build_processor, build_tokenizer, tiny_llava_config  # noqa: E402
 
 
-def encode_pool(processor, start: int, n: int):
-    """Pixel tensors, token ids (prompt + answer + eos, right padded), labels and cell targets."""
+def encode_pool(processor, start: int, n: int, answer_prefix: str = " "):
+    """Pixel tensors, token ids (prompt + answer + eos, right padded), labels and cell targets.
+
+    ``answer_prefix``: what separates the prompt from the answer (" " after "ASSISTANT:"; nothing
+    after a chat template's newline).
+    """
     tok = processor.tokenizer
     samples = [make_sample(SPLIT_SEEDS["train"], i) for i in range(start, start + n)]
     pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
@@ -49,7 +53,7 @@ def encode_pool(processor, start: int, n: int):
             prompt = build_prompt(processor, s.question)
             prompt_cache[s.question] = list(processor(text=[prompt], images=[s.image])["input_ids"][0])
         p = prompt_cache[s.question]
-        a = tok(" " + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        a = tok(answer_prefix + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append(p + a)
         labels.append([-100] * len(p) + a)
     width = max(map(len, seqs))

@@ -33,40 +33,21 @@ from qvlm_export.data.synthetic import (  # noqa: E402
     QUESTION_TYPES,
     SHAPES,
     SPLIT_SEEDS,
-    make_sample,
     make_split,
     scene_targets,
 )
 from qvlm_export.evaluate.accuracy import evaluate  # noqa: E402
 from qvlm_export.evaluate.torch_answerer import TorchAnswerer  # noqa: E402
 from qvlm_export.load import real_weights as rw  # noqa: E402
-from qvlm_export.load.model import LoadedVLM, build_prompt  # noqa: E402
+from qvlm_export.load.model import LoadedVLM  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import train_embedded  # noqa: E402
 
 
 def encode_pool(processor, start: int, n: int):
     """Pixels, right-padded ids (prompt + answer + <|im_end|>), attention mask, labels."""
-    tok = processor.tokenizer
-    samples = [make_sample(SPLIT_SEEDS["train"], i) for i in range(start, start + n)]
-    pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
-    prompt_cache: dict[str, list[int]] = {}
-    seqs, labels = [], []
-    for s in samples:
-        if s.question not in prompt_cache:
-            prompt = build_prompt(processor, s.question)
-            prompt_cache[s.question] = list(processor(text=[prompt], images=[s.image])["input_ids"][0])
-        p = prompt_cache[s.question]
-        a = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + a)
-        labels.append([-100] * len(p) + a)
-    width = max(map(len, seqs))
-    ids = torch.full((n, width), tok.pad_token_id)
-    lab = torch.full((n, width), -100)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (s, l_) in enumerate(zip(seqs, labels)):
-        ids[i, :len(s)] = torch.tensor(s)
-        lab[i, :len(l_)] = torch.tensor(l_)
-        mask[i, :len(s)] = 1
-    return pixels, ids, mask, lab
+    return train_embedded.encode_pool(processor, start, n, answer_prefix="")[:4]
 
 
 def description_ids(tokenizer, start: int, n: int) -> torch.Tensor:

@@ -169,33 +169,27 @@ def _bounds(raw: Any, where: str) -> Bounds:
                   outputs=tuple((str(k), _bound_map(v, f"{where}.outputs[{k!r}]")) for k, v in outputs.items()))
 
 
-def _task(raw: Any, where: str) -> dict[str, float]:
+def _numbers(raw: Any, keys: tuple[str, ...], where: str) -> dict[str, float]:
+    """A mapping of some of ``keys`` to numbers, or a one-line error naming the bad key."""
     if not isinstance(raw, dict):
-        raise QvlmError(f"{where}: must be a mapping with keys {list(TASK_KEYS)}")
-    unknown = sorted(set(raw) - set(TASK_KEYS))
+        raise QvlmError(f"{where}: must be a mapping with keys {list(keys)}")
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
-        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; use {list(TASK_KEYS)}")
+        raise QvlmError(f"{where}: unknown key {unknown[0]!r}; use {list(keys)}")
     bad = [k for k, v in raw.items() if isinstance(v, bool) or not isinstance(v, int | float)]
     if bad:
         raise QvlmError(f"{where}.{bad[0]}: must be a number, got {raw[bad[0]]!r}")
     return {k: float(v) for k, v in raw.items()}
 
 
+def _task(raw: Any, where: str) -> dict[str, float]:
+    return _numbers(raw, TASK_KEYS, where)
+
+
 def _absolute(raw: Any, where: str) -> dict[str, dict[str, float]]:
     if not isinstance(raw, dict):
         raise QvlmError(f"{where}: must map 'default' or a setting (w8a8, ...) to bounds {list(ABSOLUTE_KEYS)}")
-    out = {}
-    for key, bounds in raw.items():
-        if not isinstance(bounds, dict):
-            raise QvlmError(f"{where}.{key}: must be a mapping of {list(ABSOLUTE_KEYS)} to numbers")
-        unknown = sorted(set(bounds) - set(ABSOLUTE_KEYS))
-        if unknown:
-            raise QvlmError(f"{where}.{key}: unknown key {unknown[0]!r}; use {list(ABSOLUTE_KEYS)}")
-        bad = [k for k, v in bounds.items() if isinstance(v, bool) or not isinstance(v, int | float)]
-        if bad:
-            raise QvlmError(f"{where}.{key}.{bad[0]}: must be a number, got {bounds[bad[0]]!r}")
-        out[str(key)] = {k: float(v) for k, v in bounds.items()}
-    return out
+    return {str(key): _numbers(bounds, ABSOLUTE_KEYS, f"{where}.{key}") for key, bounds in raw.items()}
 
 
 def thresholds_from_dict(raw: Any, source: str = "thresholds") -> ThresholdConfig:
