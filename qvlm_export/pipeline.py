@@ -126,7 +126,7 @@ def preflight(config: RunConfig) -> dict[str, QuantRecipe]:
 
 
 def _quantize_all(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path, stage: _Timer,
-                  progress: bool) -> dict[str, Path]:
+                  progress: bool, log: Log) -> dict[str, Path]:
     from .pipeline_resume import quant_state_current
     from .search.api import quantize
 
@@ -138,8 +138,9 @@ def _quantize_all(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path,
             states[setting] = stage.reuse(name, target)
             continue
         checkpoint = Path(q.checkpoint_dir) / setting if q.checkpoint_dir else None
-        states[setting] = stage(name, lambda r=recipe, t=target, c=checkpoint: quantize(
-            config.model, r, calib=q.calib, out=t, device=q.device, progress=progress, checkpoint_dir=c))
+        block_log = None if progress else (lambda line, n=name: log(f"{n}: {line}"))
+        states[setting] = stage(name, lambda r=recipe, t=target, c=checkpoint, b=block_log: quantize(
+            config.model, r, calib=q.calib, out=t, device=q.device, progress=progress, checkpoint_dir=c, log=b))
     return states
 
 
@@ -250,7 +251,7 @@ def _run_stages(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path, l
     result = RunResult(out=out)
     stage = _Timer(result, log)
     start = time.perf_counter()
-    states = _quantize_all(config, recipes, out, stage, progress)
+    states = _quantize_all(config, recipes, out, stage, progress, log)
     bundles = _export_all(config, out, states, stage)
     _check_trt(bundles, out, result, stage, log)
     _build_engines(config, out, states, result, stage)

@@ -7,6 +7,7 @@ fault: ``export`` = weights/metadata/fidelity against the quant state, ``quality
 against FP) and writes JSON. Target: every fault detected, no false alarm on the correct bundles.
 
     OMP_NUM_THREADS=2 python tools/fault_injection.py --methods rtn,gptq,awq,qvlm --settings w8a8,w4a16
+    python tools/fault_injection.py --model builtin:llava-smollm2 --methods rtn --json docs/fault_injection_real.json
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ def _verdict(candidate: dict) -> str:
     return ",".join(failed) if failed else "pass"
 
 
-def run_case(method: str, setting: str, fp_bundle: Path, work: Path, config: ValidateConfig) -> dict:
-    quant = quantize(recipe=f"{method}-{setting}", calib="builtin:calib:16", out=work / f"quant-{method}-{setting}",
-                     progress=False, device="cpu")
+def run_case(method: str, setting: str, fp_bundle: Path, work: Path, config: ValidateConfig,
+             model: str | None = None) -> dict:
+    quant = quantize(model=model, recipe=f"{method}-{setting}", calib="builtin:calib:16",
+                     out=work / f"quant-{method}-{setting}", progress=False, device="cpu")
     good = export_bundle(quant=quant, out=work / f"bundle-{method}-{setting}")
     specs = [CandidateSpec(bundle=good, name="correct")]
     changes = {}
@@ -55,6 +57,7 @@ def run_case(method: str, setting: str, fp_bundle: Path, work: Path, config: Val
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory or builtin: name (default: the embedded model)")
     parser.add_argument("--methods", default="rtn,gptq,awq,qvlm")
     parser.add_argument("--settings", default="w8a8,w4a16")
     parser.add_argument("--eval-samples", type=int, default=24)
@@ -63,11 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     config = ValidateConfig(eval_samples=args.eval_samples)
-    fp_bundle = export_bundle(out=work / "bundle-fp")
+    fp_bundle = export_bundle(model=args.model, out=work / "bundle-fp")
     results, start = {}, time.perf_counter()
     for method in args.methods.split(","):
         for setting in args.settings.split(","):
-            results[f"{method}-{setting}"] = run_case(method, setting, fp_bundle, work, config)
+            results[f"{method}-{setting}"] = run_case(method, setting, fp_bundle, work, config, args.model)
     summarise(results, args.json, time.perf_counter() - start)
 
 

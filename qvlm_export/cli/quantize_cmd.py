@@ -33,7 +33,8 @@ def quantize_command(
         check_output_dir(Path(checkpoint_dir), flag="--checkpoint-dir")
     with writing(out):
         path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
-                        checkpoint_dir=checkpoint_dir, dtype=dtype)
+                        checkpoint_dir=checkpoint_dir, dtype=dtype,
+                        log=None if progress else (lambda line: typer.echo(line, err=True)))
     meta = json.loads((Path(path) / "state.json").read_text())
     seconds = json.loads((Path(path) / "manifest.json").read_text()).get("search_seconds", 0)
     kind = "deployable" if meta["deployable"] else "simulated only"

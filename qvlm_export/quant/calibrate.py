@@ -309,7 +309,7 @@ class SequentialCalibrator:
                 if ckpt is not None:
                     ckpt.save(position, ctx.layers, ctx.overrides, ctx.extras)
             if progress:
-                progress(",".join(u.name for u in units))
+                progress(",".join(u.name for u in units), ctx.extras)
             state.layers.update(ctx.layers)
             state.float_overrides.update(ctx.overrides)
             for key, value in ctx.extras.items():

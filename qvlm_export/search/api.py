@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,17 +79,40 @@ def _calibrator(vlm, samples, recipe: QuantRecipe, device: str, checkpoint_dir: 
                                 block_weights=blocks)
 
 
-def _run(method, calibrator, progress: bool) -> QuantState:
+def block_line(done: int, total: int, names: str, extras: dict, seconds: float) -> str:
+    """One line per finished block: where the search is, and (Q-VLM) the block's error as it went."""
+    units = names.split(",")
+    where = units[0] if len(units) == 1 else f"{units[0]} .. {units[-1].rsplit('.', 1)[-1]}"
+    stats = (extras.get("qvlm_blocks") or {}).get(units[0])
+    error = ""
+    if stats:
+        error = (f"; block error rtn {stats['rtn_error']:.4g}, start {stats['init_error']:.4g}, "
+                 f"searched {stats['searched_error']:.4g}, kept {stats['error']:.4g}")
+    return f"block {done}/{total} {where}{error} ({seconds:.1f} s)"
+
+
+def _run(method, calibrator, progress: bool, log: Callable[[str], None] | None = None) -> QuantState:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     partition = method.plan(calibrator)
     total = len(partition) if partition else len(calibrator.units)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
                TimeElapsedColumn())
+    clock = {"done": 0, "last": time.perf_counter()}
+
     with Progress(*columns, transient=True, disable=not progress) as bar:
         task = bar.add_task(f"{calibrator.recipe.method} {calibrator.recipe.setting}", total=total)
-        return calibrator.run(method.block, partition,
-                              progress=lambda name: bar.update(task, advance=1, description=name.rsplit(",")[-1]))
+
+        def advance(names: str, extras: dict) -> None:
+            clock["done"] += 1
+            now = time.perf_counter()
+            line = block_line(clock["done"], total, names, extras, now - clock["last"])
+            clock["last"] = now
+            bar.update(task, advance=1, description=line)
+            if log is not None:
+                log(line)
+
+        return calibrator.run(method.block, partition, progress=advance)
 
 
 def resolve_device(device: str | None) -> str:
@@ -116,7 +140,8 @@ def quantize_identity(model_path: Path, rec: QuantRecipe, calib: str | Path, sam
 
 
 def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progress: bool,
-                      checkpoint_dir, samples: list[Sample] | None) -> tuple[QuantState, list[Sample] | None]:
+                      checkpoint_dir, samples: list[Sample] | None,
+                      log: Callable[[str], None] | None = None) -> tuple[QuantState, list[Sample] | None]:
     """The state and the samples it saw; data-free methods (weight-only RTN) read no data at all."""
     from ..quant.calibrate import quantize_without_data
 
@@ -126,7 +151,7 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
                                        "why": "weight-only round-to-nearest reads no activations"}
         return state, None
     blocks = block_weights(method, device)
-    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress)
+    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress, log)
     state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device,
                                    "block_weights": blocks}
     return state, samples
@@ -134,8 +159,12 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
 
 def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
              calib: str | Path = "builtin:calib", out: str | Path = "quant", device: str | None = None,
-             progress: bool = True, checkpoint_dir: str | Path | None = None, dtype: str = "auto") -> Path:
+             progress: bool = True, checkpoint_dir: str | Path | None = None, dtype: str = "auto",
+             log: Callable[[str], None] | None = None) -> Path:
     """Calibrate ``model`` (default: the embedded model) with ``recipe`` and write a quant state to ``out``.
+
+    ``log`` receives one line per finished block (where the search is, Q-VLM's block errors, seconds):
+    what a pipeline log shows when the progress bar is off.
 
     ``dtype`` (auto | fp32 | fp16 | bf16) is the dtype the model is loaded and calibrated
     in; ``auto`` keeps the checkpoint's own, so a bf16 7B model holds 13.5 GB, not 27.
@@ -162,7 +191,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
     check_family(method, vlm.model)
     start = time.perf_counter()
-    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples)
+    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples, log)
     seconds = time.perf_counter() - start
     state.extras["load_dtype"] = load_dtype
     state = state_to_cpu(state)
