@@ -28,7 +28,7 @@ def test_flips_grown_through_depth_are_reported_not_gated():
     fidelity = {"decoder": (_output(11.16, 11.38),)}
     excused, note = excuse_accumulated_flips(fidelity, _layers(55.0, 48.2, 61.0))
     assert excused["decoder"][0].passed and excused["decoder"][0].stats.sqnr_db == 11.16
-    assert "11.16 dB" in note and "48.2 dB" in note and "2 layers" in note
+    assert "11.16 dB" in note and "median token 48.2 dB" in note and "2 layers" in note
 
 
 def test_a_failing_layer_keeps_the_whole_graph_gate():
@@ -48,3 +48,18 @@ def test_layer_verdict_uses_its_bound_and_finiteness():
     assert not LayerFidelity("decoder", "0", _stats(29.9), 30.0).passed
     bad = dataclasses.replace(_stats(90.0), nonfinite=1)
     assert not LayerFidelity("decoder", "0", bad, 30.0).passed
+
+
+def test_one_flipped_token_does_not_fail_a_layer_but_a_wrong_channel_does():
+    import numpy as np
+
+    from qvlm_export.validate.layer_fidelity import median_token_sqnr_db
+
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(64, 32)) * 4
+    flipped = want.copy()
+    flipped[5, 3] += 26.0  # one element of one token one int8 step (a massive-activation step) off
+    assert median_token_sqnr_db(want, flipped) > 140
+    wrong = want.copy()
+    wrong[:, 3] *= 4  # one channel x4 in every token
+    assert median_token_sqnr_db(want, wrong) < 20
