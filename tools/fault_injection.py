@@ -61,11 +61,12 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq,awq,qvlm")
     parser.add_argument("--settings", default="w8a8,w4a16")
     parser.add_argument("--eval-samples", type=int, default=24)
+    parser.add_argument("--text-tokens", type=int, default=3072, help="English text scored per candidate (real LMs)")
     parser.add_argument("--work", default="runs/fault-injection")
     parser.add_argument("--json", default="docs/fault_injection.json")
     args = parser.parse_args()
     work = Path(args.work)
-    config = ValidateConfig(eval_samples=args.eval_samples)
+    config = ValidateConfig(eval_samples=args.eval_samples, text_tokens=args.text_tokens)
     fp_bundle = export_bundle(model=args.model, out=work / "bundle-fp")
     results, start = {}, time.perf_counter()
     for method in args.methods.split(","):
