@@ -50,23 +50,31 @@ def encode_pool(processor, start: int, n: int):
     return train_embedded.encode_pool(processor, start, n, answer_prefix="")[:4]
 
 
-def description_ids(tokenizer, start: int, n: int) -> torch.Tensor:
-    """Per sample, 16 word ids describing the scene cell by cell: colour, shape, row, column ("no object" if empty).
+def description_ids(tokenizer, start: int, n: int, side: int = 4) -> torch.Tensor:
+    """Per sample and image token (patch, row-major), a word describing the object in the patch's cell.
 
-    Stage 1 teaches the tower and projector to emit embeddings the frozen LM already reads as words,
-    so it can bind "is there a red circle ?" to the image (a soft prompt alone left presence at chance).
+    The four patches of a cell carry its colour, shape, row and column ("no object" if empty), so each
+    token's word is about what its own patch sees. Stage 1 teaches the tower and projector to emit
+    embeddings the frozen LM already reads as those words, to help it bind "is there a red circle ?"
+    to the image (a soft prompt alone left presence questions at chance).
     """
     def word(w: str) -> int:
         return tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
 
     colors = list(COLORS)
+    half = side // 2
     rows = []
     for i in range(start, start + n):
-        ids = []
+        cells = []
         for cell, (shape, color) in enumerate(scene_targets(SPLIT_SEEDS["train"], i)):
             row, col = POSITIONS[cell].split()
             what = [colors[color - 1], SHAPES[shape - 1]] if shape else ["no", "object"]
-            ids += [word(w) for w in (*what, row, col)]
+            cells.append([word(w) for w in (*what, row, col)])
+        ids = []
+        for p in range(side * side):
+            r, c = divmod(p, side)
+            cell = (r // half) * 2 + (c // half)
+            ids.append(cells[cell][(r % half) * half + (c % half)])
         rows.append(ids)
     return torch.tensor(rows)
 
