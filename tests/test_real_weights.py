@@ -82,7 +82,7 @@ def test_massive_activations_are_there(real_model):
 
     layer = real_model.model.model.language_model.layers[11].mlp.down_proj
     seen = {}
-    handle = layer.register_forward_hook(lambda _m, args, _o: seen.setdefault("x", args[0].detach()))
+    handle = layer.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].detach()))  # returns None
     try:
         with torch.inference_mode():
             real_model.model.model.language_model(input_ids=torch.from_numpy(text_windows(real_model.tokenizer)[:1]))
