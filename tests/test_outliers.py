@@ -166,3 +166,42 @@ def test_rotated_state_simulates_the_rotated_model(tmp_path):
     assert vlm.model.lm_head.weight is not vlm.model.model.language_model.embed_tokens.weight
     got = torch_logits_fn(vlm.model)(ids)
     assert float(((got - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-2
+
+
+def test_rotated_fallback_state_exports_and_matches_onnx_runtime(tmp_path):
+    """Rotation (tied model: lm_head untied by the state) + fallback: the bundle computes the simulated model,
+    the fallback layers are weight-only DQ + MatMul (no input Q/DQ), and check-trt's static rules accept it."""
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _export_helpers as H
+
+    from qvlm_export.build.check_trt import check_path
+    from qvlm_export.data.manifest import load_dataset
+    from qvlm_export.export.api import export_bundle
+    from qvlm_export.load.tiny import build_processor, build_tokenizer
+    from qvlm_export.runtime.bundle import read_bundle
+    from qvlm_export.runtime.ort_runner import ort_runner
+
+    _tied_model(hidden=128).float().save_pretrained(tmp_path / "m")
+    build_processor(build_tokenizer()).save_pretrained(tmp_path / "m")
+    rec = recipe_from_dict({"method": "rtn", "setting": "w8a8", "rotation": {"seed": 1}, "fallback": {"max_layers": 2},
+                            "calibration": {"samples": 8, "batch_size": 4}})
+    state_dir = quantize(model=tmp_path / "m", recipe=rec, calib="builtin:calib:8", out=tmp_path / "q", progress=False)
+    floats = sorted(load_state(state_dir).extras["fallback"]["layers"])
+    bundle = export_bundle(model=tmp_path / "m", quant=state_dir, out=tmp_path / "b", dtype="fp32")
+    info = read_bundle(bundle, verify=False)
+    nodes = {n.name for g in ("vision", "decoder") for n in onnx.load(str(info.graph_path(g))).graph.node}
+    for layer in floats:
+        assert f"{layer}/weight_dq" in nodes and f"{layer}/MatMul" in nodes and f"{layer}/input_q" not in nodes
+    assert sum(n.endswith("/input_q") for n in nodes) == len(load_state(state_dir).layers) - 2
+    assert check_path(bundle).ok
+    vlm, _ = load_simulated(state_dir)
+    batch = H.prompt_batch(vlm.processor, load_dataset("builtin:eval:4"))
+    reference, tokens = H.torch_steps(vlm, batch, steps=1)
+    with ort_runner(bundle, "faithful", threads=1) as runner:
+        got = H.runner_steps(runner, batch, tokens)
+    H.assert_logit_parity(H.relative_logit_errors(reference, got, batch["attention_mask"]), "w8a8")

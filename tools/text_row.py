@@ -2,6 +2,7 @@
 
     python tools/text_row.py --model /tmp/smol/llava-untrained rtn-w8a8 smoothquant-w8a8 \
         my-recipe.yaml --set smoothquant-w8a8:alpha=0.8 --states-dir /tmp/states --json /tmp/rows.json
+    python tools/text_row.py --model DIR fb5=rtn-w8a8 --set 'fb5:fallback={"max_layers": 5}'
 
 For each recipe (a built-in name or a YAML file; ``label=recipe`` names the row), quantizes the
 model with ``builtin:calib`` (or reuses ``<states-dir>/<label>`` when it holds a finished state and
@@ -49,6 +50,17 @@ def split_label(spec: str) -> tuple[str, str]:
     if sep:
         return label, recipe
     return Path(spec).stem if spec.endswith((".yaml", ".yml")) else spec, spec
+
+
+def with_sets(recipe, values: dict):
+    """method_args overrides; ``rotation`` / ``fallback`` (JSON mappings) set those recipe sections instead."""
+    from qvlm_export.quant.recipe import recipe_from_dict
+
+    sections = {k: values.pop(k) for k in ("rotation", "fallback") if k in values}
+    recipe = recipe.with_method_args(**values)
+    if not sections:
+        return recipe
+    return recipe_from_dict({**recipe.to_dict(), **sections}, source="--set")
 
 
 def fp_scores(cache: dict, key: str, vlm, windows):
@@ -99,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipes", nargs="+", help="[label=]recipe name or YAML file")
     parser.add_argument("--model", required=True, help="HF LLaVA dir (or builtin:llava-smollm2)")
     parser.add_argument("--set", action="append", default=[], metavar="LABEL:KEY=VALUE",
-                        help="a method_args override of one row (JSON value)")
+                        help="a method_args override of one row (JSON value); keys rotation and fallback set "
+                             "those recipe sections, e.g. x:fallback='{\"max_layers\": 5}'")
     parser.add_argument("--states-dir", default="/tmp/text-row-states")
     parser.add_argument("--reuse", action="store_true", help="reuse a finished state in <states-dir>/<label>")
     parser.add_argument("--json", default=None, help="rows (and the FP cache) are merged into this file")
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = parse_sets(args.set)
     try:
         jobs = [(label, load_recipe(spec)) for label, spec in map(split_label, args.recipes)]
-        jobs = [(label, r.with_method_args(**sets.get(label, {}))) for label, r in jobs]
+        jobs = [(label, with_sets(r, sets.get(label, {}))) for label, r in jobs]
         out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else {}
         vlm = load_vlm(args.model)
         windows = text_windows(vlm.tokenizer, TextSpec(args.tokens, args.window))
