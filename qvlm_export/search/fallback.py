@@ -12,7 +12,10 @@ calibration walk, on the FP model over the calibration set (real tokens only), b
 quantized Linear:
 
 * ``sqnr`` (default): SQNR of its output when only its input is rounded to the static
-  per-tensor int8 grid, ``||x W^T||^2 / ||(Q(x) - x) W^T||^2``; the N lowest fall back;
+  per-tensor int8 grid, per token ``||x_t W^T||^2 / ||(Q(x_t) - x_t) W^T||^2`` in dB, averaged
+  over tokens; the N lowest fall back. Per token, because a massive activation lives on one
+  token (the first): pooled over tokens, that token's energy hides that every other token's
+  input rounds to zero (SmolLM2 layer 11's ``down_proj``: pooled 40 dB, per token far lower);
 * ``range``: ``absmax / rms`` of its input; the N highest fall back.
 
 During the walk, each chosen Linear is quantized by the method as usual and then has its input
@@ -60,10 +63,11 @@ def _run_hooks(vlm, batches, names: list[str], fn: Callable[[str, torch.Tensor],
 
 
 def layer_scores(vlm, batches, recipe: QuantRecipe) -> dict[str, dict[str, float]]:
-    """Per quantized Linear: input absmax, rms, and the output SQNR (dB) of int8 static input rounding."""
+    """Per quantized Linear: input absmax, rms, and the output SQNR (dB; per token, and pooled) of int8 input rounding."""
     linears = dict(quantizable_linears(vlm.model, recipe))
     names = list(linears)
-    acc = {n: {"absmax": 0.0, "sumsq": 0.0, "count": 0, "signal": 0.0, "noise": 0.0} for n in names}
+    acc = {n: {"absmax": 0.0, "sumsq": 0.0, "count": 0, "signal": 0.0, "noise": 0.0, "db": 0.0, "rows": 0}
+           for n in names}
 
     def ranges(n: str, x: torch.Tensor) -> None:
         a = acc[n]
@@ -78,16 +82,20 @@ def layer_scores(vlm, batches, recipe: QuantRecipe) -> dict[str, dict[str, float
         w = linears[n].weight.detach().float()
         scale = activation_scale(acc[n]["absmax"], bits).to(x.device)
         q = F.fake_quantize(x, scale, torch.zeros((), dtype=torch.int32), bits, True, "tensor")
-        acc[n]["signal"] += float((x @ w.t()).double().pow(2).sum())
-        acc[n]["noise"] += float(((q - x) @ w.t()).double().pow(2).sum())
+        signal, noise = (x @ w.t()).double().pow(2).sum(-1), ((q - x) @ w.t()).double().pow(2).sum(-1)
+        acc[n]["signal"] += float(signal.sum())
+        acc[n]["noise"] += float(noise.sum())
+        acc[n]["db"] += float((10 * torch.log10(signal.clamp_min(1e-30) / noise.clamp_min(1e-30))).sum())
+        acc[n]["rows"] += signal.numel()
 
     _run_hooks(vlm, batches, names, sqnr)
     out = {}
     for n, a in acc.items():
         rms = math.sqrt(a["sumsq"] / max(a["count"], 1))
-        db = 10 * math.log10(max(a["signal"], 1e-30) / max(a["noise"], 1e-30))
+        pooled = 10 * math.log10(max(a["signal"], 1e-30) / max(a["noise"], 1e-30))
         out[n] = {"absmax": round(a["absmax"], 4), "rms": round(rms, 6),
-                  "range": round(a["absmax"] / max(rms, 1e-12), 2), "sqnr_db": round(db, 2)}
+                  "range": round(a["absmax"] / max(rms, 1e-12), 2),
+                  "sqnr_db": round(a["db"] / max(a["rows"], 1), 2), "pooled_sqnr_db": round(pooled, 2)}
     return out
 
 
