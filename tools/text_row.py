@@ -3,6 +3,7 @@
     python tools/text_row.py --model /tmp/smol/llava-untrained rtn-w8a8 smoothquant-w8a8 \
         my-recipe.yaml --set smoothquant-w8a8:alpha=0.8 --states-dir /tmp/states --json /tmp/rows.json
     python tools/text_row.py --model DIR fb5=rtn-w8a8 --set 'fb5:fallback={"max_layers": 5}'
+    python tools/text_row.py --table /tmp/rows.json           # the rows as a markdown table
 
 For each recipe (a built-in name or a YAML file; ``label=recipe`` names the row), quantizes the
 model with ``builtin:calib`` (or reuses ``<states-dir>/<label>`` when it holds a finished state and
@@ -106,7 +107,28 @@ def measure(label: str, recipe, args, windows, fp) -> dict:
     return row
 
 
+def markdown(paths: list[str]) -> str:
+    """The rows of JSONs this tool wrote, as a markdown table (one row per label)."""
+    lines = ["| row | setting | perplexity / FP [95% CI] | next-token agreement [95% CI] | search (s) |",
+             "|---|---|---:|---:|---:|"]
+    rows: dict[str, dict] = {}  # by label: a later file's row replaces an earlier one in place
+    for path in paths:
+        rows.update({r["label"]: r for r in json.loads(Path(path).read_text()).get("rows", [])})
+    for r in rows.values():
+        lo, hi = r["perplexity_ratio_ci95"]
+        alo, ahi = r["agreement_ci95"]
+        lines.append(f"| {r['label']} | {r['setting']} | {r['perplexity_ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{100 * r['next_token_agreement']:.1f}% [{100 * alo:.1f}, {100 * ahi:.1f}] | "
+                     f"{r['search_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:  # python tools/text_row.py --table rows.json [more.json ...]
+        print(markdown(argv[1:]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", help="[label=]recipe name or YAML file")
     parser.add_argument("--model", required=True, help="HF LLaVA dir (or builtin:llava-smollm2)")
