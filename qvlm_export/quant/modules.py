@@ -136,8 +136,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_overrides(model: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
-    """Load the float parameters a method rewrote (e.g. smoothing folded into a norm)."""
-    params = dict(model.named_parameters())
+    """Load the float parameters a method rewrote (e.g. smoothing folded into a norm).
+
+    An override of a tied parameter's alias (``lm_head.weight`` of a model with tied
+    embeddings, after a rotation) first gives that module its own parameter.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in overrides:
+        if name in params and sum(p is params[name] for p in params.values()) > 1:
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, leaf, nn.Parameter(params[name].detach().clone(), requires_grad=False))
+            params[name] = getattr(module, leaf)
+            for cfg in (model.config, getattr(model.config, "text_config", None)):
+                if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+                    cfg.tie_word_embeddings = False
     for name, value in overrides.items():
         with torch.no_grad():
             params[name].copy_(value.to(params[name].dtype))

@@ -23,6 +23,7 @@ from typing import Any
 from ..config_types import typed_fields
 from ..errors import QvlmError, reject_unknown_keys
 from ..yaml_files import named_yaml, parse_yaml
+from .outlier_options import FallbackSpec, RotationSpec
 
 RECIPE_VERSION = 1
 # Package data, so an installed wheel has them; the repo's calibration/recipes links here.
@@ -114,6 +115,8 @@ class QuantRecipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     method_args: dict[str, Any] = field(default_factory=dict)
     version: int = RECIPE_VERSION
+    rotation: RotationSpec | None = None  # outlier options (quant/outlier_options.py); None: off
+    fallback: FallbackSpec | None = None
     # Kept out of ==, to_dict (recipe.yaml, the manifest's identity, checkpoint fingerprints) on purpose.
     display: Display = field(default_factory=Display, compare=False, repr=False)
 
@@ -132,9 +135,12 @@ class QuantRecipe:
         return SETTINGS[self.setting].runs_on if why is None else f"simulated (fake-quant) only: {why}"
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        del d["display"]
-        return d
+        out = dataclasses.asdict(self)
+        del out["display"]
+        for key in ("rotation", "fallback"):  # absent when off: recipes without them serialise as before
+            if out[key] is None:
+                del out[key]
+        return out
 
     def with_method_args(self, **overrides: Any) -> QuantRecipe:
         """Overrides merged into ``method_args``; display options among them go to ``display``, as on load."""
@@ -158,7 +164,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
     """Validate a recipe mapping and fill the setting's defaults."""
     if not isinstance(raw, dict):
         raise QvlmError(f"{source}: a recipe must be a YAML mapping with 'method' and 'setting'")
-    allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version"}
+    allowed = {"method", "setting", "weights", "activations", "modules", "calibration", "method_args", "version",
+               "rotation", "fallback"}
     reject_unknown_keys(raw, allowed, source)
     version = raw.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION or isinstance(version, bool):
@@ -190,9 +197,21 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> QuantRecipe
         method=method, setting=setting, weights=weights, activations=acts,
         modules=_section(ModuleSpec, raw.get("modules"), f"{source}: modules"),
         calibration=_section(CalibrationSpec, raw.get("calibration"), f"{source}: calibration"),
-        method_args=method_args,
+        method_args=method_args, **_outlier_sections(raw, source, acts.bits),
         display=Display(**typed_fields(Display, display, f"{source}: method_args")),
     )
+
+
+def _outlier_sections(raw: dict[str, Any], source: str, act_bits: int | None) -> dict[str, Any]:
+    out = {}
+    for key, cls in (("rotation", RotationSpec), ("fallback", FallbackSpec)):
+        if raw.get(key) is not None:
+            out[key] = _section(cls, raw[key], f"{source}: {key}")
+            out[key].check(f"{source}: {key}")
+    if "fallback" in out and act_bits is None:
+        raise QvlmError(f"{source}: fallback keeps some Linear inputs in floating point, but this setting quantizes "
+                        "no activations; remove the fallback section")
+    return out
 
 
 def load_recipe(spec: str | Path) -> QuantRecipe:

@@ -95,6 +95,11 @@ def _run(method, calibrator, progress: bool, log: Callable[[str], None] | None =
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     partition = method.plan(calibrator)
+    block = method.block
+    if "fallback" in calibrator.extras:  # recipe fallback: chosen Linears keep float inputs
+        from .fallback import with_fallback
+
+        block = with_fallback(block, set(calibrator.extras["fallback"]["layers"]))
     total = len(partition) if partition else len(calibrator.units)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
                TimeElapsedColumn())
@@ -112,7 +117,7 @@ def _run(method, calibrator, progress: bool, log: Callable[[str], None] | None =
             if log is not None:
                 log(line)
 
-        return calibrator.run(method.block, partition, progress=advance)
+        return calibrator.run(block, partition, progress=advance)
 
 
 def resolve_device(device: str | None) -> str:
@@ -151,10 +156,33 @@ def _calibrated_state(method, vlm, rec: QuantRecipe, calib, device: str, progres
                                        "why": "weight-only round-to-nearest reads no activations"}
         return state, None
     blocks = block_weights(method, device)
-    state = _run(method, _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks), progress, log)
+    calibrator = _calibrator(vlm, samples, rec, device, checkpoint_dir, blocks)
+    if rec.fallback is not None and rec.fallback.max_layers:
+        from .fallback import choose_fallback
+
+        calibrator.extras["fallback"] = choose_fallback(
+            vlm, calibrator.batches, rec, calibrator.device if calibrator.block_weights else None)
+    state = _run(method, calibrator, progress, log)
     state.extras["calibration"] = {"data": str(calib), "samples": len(samples), "device": device,
                                    "block_weights": blocks}
     return state, samples
+
+
+def _rotate(model, rec: QuantRecipe) -> tuple[dict, dict]:
+    """Fold the recipe's rotation into ``model``; (what it did, the rewritten parameters' values)."""
+    from .rotation import rotate_model, rotated_parameters
+
+    info = rotate_model(model, rec.rotation)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return info, {n: params[n].detach().cpu().clone() for n in rotated_parameters(model)}
+
+
+def _record_rotation(state: QuantState, info: dict, values: dict) -> None:
+    """Rotated floats the state does not carry as codes become overrides (a method's own overrides win)."""
+    for name, value in values.items():
+        if not (name.endswith(".weight") and name[:-len(".weight")] in state.layers):
+            state.float_overrides.setdefault(name, value)
+    state.extras["rotation"] = info
 
 
 def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe = "rtn-w8a8",
@@ -191,7 +219,10 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
     check_family(method, vlm.model)
     start = time.perf_counter()
+    rotated = _rotate(vlm.model, rec) if rec.rotation is not None else None
     state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples, log)
+    if rotated is not None:
+        _record_rotation(state, *rotated)
     seconds = time.perf_counter() - start
     state.extras["load_dtype"] = load_dtype
     state = state_to_cpu(state)

@@ -48,14 +48,23 @@ class RTNConfig:
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    """``alpha``: migration strength, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (the paper's 0.5)."""
+    """``alpha``: migration strength, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (the paper's 0.5).
+
+    ``alpha_grid``: choose alpha per smoothing group on the quantized output error over ``N + 1``
+    values in [0, 1] (0: the fixed ``alpha``); ``through_gate``: also smooth ``down_proj``'s input
+    through ``up_proj`` (where a real LM's massive activations are).
+    """
 
     version: ClassVar[int] = 1
     alpha: float = 0.5
+    alpha_grid: int = 0
+    through_gate: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise QvlmError(f"smoothquant: method_args.alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha_grid < 0:
+            raise QvlmError(f"smoothquant: method_args.alpha_grid must be >= 0 (0: fixed alpha), got {self.alpha_grid}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

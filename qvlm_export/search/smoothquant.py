@@ -8,6 +8,11 @@ inputs (the paper calibrates on the FP model; sequential calibration sees what t
 deployed model sees). Weights are then RTN per output channel and activations get
 static per-tensor scales, the paper's "O3" (per-tensor static) deployment. down_proj /
 fc2 follow a nonlinearity and stay unsmoothed, as in the paper's Llama recipe.
+
+Options for models with massive activations (off by default): ``alpha_grid: N`` picks alpha per
+group from ``0, 1/N, ..., 1`` on the quantized output error (:mod:`.smooth_search`);
+``through_gate: true`` also smooths ``down_proj`` through ``up_proj`` (exact: ``act(gate) * up``
+is linear in up's output rows, whose per-channel weight scales absorb ``1/s``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class SmoothQuant:
     def __init__(self, recipe: QuantRecipe):
         self.recipe = recipe
         self.config = method_config(recipe, SmoothQuantConfig)
-        self.alpha = self.config.alpha
+        self.alpha, self.grid, self.through_gate = self.config.alpha, self.config.alpha_grid, self.config.through_gate
 
     def plan(self, calibrator) -> None:
         return None
@@ -43,11 +48,18 @@ class SmoothQuant:
 
     def smooth(self, ctx: BlockContext) -> dict[str, list[float]]:
         """Fold the smoothing scales of every group of the block; returns the scales by producer."""
-        groups = find_scale_groups(ctx)
+        groups = find_scale_groups(ctx, through_gate=self.through_gate)
         stats = collect_input_stats(ctx, [g.consumers[0] for g in groups])
         applied = {}
         for g in groups:
-            s = smoothquant_scales(stats[g.consumers[0]].channel_absmax, consumer_weight_absmax(ctx.root, g), self.alpha)
+            act = stats[g.consumers[0]].channel_absmax
+            if self.grid:
+                from .smooth_search import alpha_grid, search_alpha
+
+                alpha, s, _ = search_alpha(ctx, g, act, self.recipe, alpha_grid(self.grid))
+                ctx.extras.setdefault("smoothquant_alpha", {})[g.producer] = alpha
+            else:
+                s = smoothquant_scales(act, consumer_weight_absmax(ctx.root, g), self.alpha)
             fold_scales(ctx.root, g, s)
             applied[g.producer] = [round(float(s.min()), 6), round(float(s.max()), 6)]
         return applied
