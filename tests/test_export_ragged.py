@@ -88,3 +88,26 @@ def test_int8_option_requantizes_per_channel_within_half_a_step(ragged):
     error = float(np.abs(dq - w).max())
     assert kept["as"] == "int8" and kept["max_abs_error"] == pytest.approx(error, rel=1e-2)
     assert error <= 0.5 * float(scale.max()) * 1.001
+
+
+def test_validate_weight_check_reads_layers_kept_out_of_int4(ragged, tmp_path):
+    """validate's exact weight check accepts the float-kept layer and still catches a changed one."""
+    import shutil
+
+    from qvlm_export.runtime.bundle import read_bundle
+    from qvlm_export.validate.static_checks import weights_match_state
+
+    root, model, quant, state, name = ragged
+    bundle = export_bundle(model, quant, out=tmp_path / "b")
+    assert weights_match_state(read_bundle(bundle, verify=False), state) == []
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    vision, info = _graph(broken)
+    for t in vision.graph.initializer:
+        if t.name == f"{name}.weight_t":
+            w = numpy_helper.to_array(t).copy()
+            w[0, :] += 1.0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save(vision, str(broken / info["graphs"]["vision"]["file"]))
+    problems = weights_match_state(read_bundle(broken, verify=False), state)
+    assert len(problems) == 1 and "float weight (kept out of int4) differs" in problems[0]

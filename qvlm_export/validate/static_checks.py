@@ -19,7 +19,7 @@ import numpy as np
 
 from ..runtime.bundle import GRAPHS, BundleInfo
 
-WEIGHT_SUFFIXES = ("weight_quantized", "weight_scale", "input_scale", "input_zero_point")
+WEIGHT_SUFFIXES = ("weight_quantized", "weight_scale", "input_scale", "input_zero_point", "weight_t")
 
 
 def _graph_initializers(info: BundleInfo) -> dict[str, np.ndarray]:
@@ -56,8 +56,14 @@ def _same(graph_value: np.ndarray, expected: np.ndarray) -> bool:
 def weights_match_state(info: BundleInfo, state) -> list[str]:
     """One line per layer whose graph tensors differ from the quant state's (empty: all equal)."""
     inits = _graph_initializers(info)
+    kept = info.quant.get("kept_out_of_int4") or {}
     problems = []
     for name, layer in sorted(state.layers.items()):
+        if kept.get(name, {}).get("as") == "float":  # a ragged int4 layer TensorRT cannot parse: exact float weight
+            problems += _float_weight_matches(name, layer, inits.get(f"{name}.weight_t"))
+            continue
+        if kept.get(name, {}).get("as") == "int8":  # re-quantized per channel at export; fidelity compares it
+            continue
         codes, scale = inits.get(f"{name}.weight_quantized"), inits.get(f"{name}.weight_scale")
         if codes is None or scale is None:
             problems.append(f"layer {name!r}: no integer weight in the graphs")
@@ -77,6 +83,18 @@ def weights_match_state(info: BundleInfo, state) -> list[str]:
                 problems.append(f"layer {name!r}: {what} differs from the quant state "
                                 f"({_first_difference(np.asarray(got), want)})")
     return problems
+
+
+def _float_weight_matches(name: str, layer, weight_t) -> list[str]:
+    """A layer kept out of int4 in float must hold the state's dequantized weight, bit for bit."""
+    if weight_t is None:
+        return [f"layer {name!r}: kept out of int4 as float, but no float weight in the graphs"]
+    weight_t = np.asarray(weight_t)
+    want = layer.dequantized_weight().numpy().T.astype(weight_t.dtype)
+    if weight_t.shape != want.shape or not np.array_equal(weight_t, want):
+        return [f"layer {name!r}: float weight (kept out of int4) differs from the quant state's dequantized weight "
+                f"({_first_difference(weight_t, want)})"]
+    return []
 
 
 def _first_difference(got: np.ndarray, want: np.ndarray) -> str:
