@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -89,8 +88,7 @@ def describe(model, pool_pixels, targets, args, rng) -> None:
         idx = torch.from_numpy(rng.choice(len(targets), size=64))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.describe_steps, args.lr)
-        hidden = model.model.vision_tower(pool_pixels[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
-        features = model.model.multi_modal_projector(hidden)  # the "default" strategy: CLS dropped
+        features = model.model.multi_modal_projector(train_embedded.vision_patches(model, pool_pixels[idx]))
         want = embed[targets[idx]]
         loss = (features - want).pow(2).sum(-1).mean() / want.pow(2).sum(-1).mean()
         opt.zero_grad()
@@ -109,11 +107,8 @@ def answer_loss(model, pixels, ids, mask, labels):
     return torch.nn.functional.cross_entropy(logits.float(), target[where])
 
 
-def lr_at(step: int, total: int, peak: float, warmup: float = 0.05) -> float:
-    w = max(1, int(total * warmup))
-    if step < w:
-        return peak * (step + 1) / w
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+def lr_at(step: int, total: int, peak: float) -> float:
+    return train_embedded.one_cycle(step, total, peak, warmup=0.05)
 
 
 def train(args) -> dict:
