@@ -183,7 +183,12 @@ def train(args) -> dict:
     out_dir = Path(args.out)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    info = {"train_seconds": round(train_seconds, 1), "threads": args.threads, "eval": result.to_json(),
+    return write_training_record(out_dir, train_seconds, result, args, log)
+
+
+def write_training_record(out_dir: Path, seconds: float, result, args, log: list) -> dict:
+    """``training.json`` beside the weights: what the run was asked, what it took and how it scored."""
+    info = {"train_seconds": round(seconds, 1), "threads": args.threads, "eval": result.to_json(),
             "args": vars(args), "torch": torch.__version__, "log": log}
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

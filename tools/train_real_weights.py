@@ -15,7 +15,6 @@ writes the parts plus ``training.json`` (args, loss log, accuracy, seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -176,10 +175,7 @@ def train(args) -> dict:
     result = evaluate(TorchAnswerer(vlm), samples, batch_size=50, progress=False)
     print(f"eval accuracy {result.overall:.4f} {result.by_type}", flush=True)
     rw.save_parts(model, out_dir)
-    info = {"train_seconds": round(train_seconds, 1), "threads": args.threads, "eval": result.to_json(),
-            "args": vars(args), "torch": torch.__version__, "log": log}
-    (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return train_embedded.write_training_record(out_dir, train_seconds, result, args, log)
 
 
 def main() -> None:
@@ -187,17 +183,17 @@ def main() -> None:
     p.add_argument("--out", default=str(rw.PARTS_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=1e-3, help="projector peak learning rate")
-    p.add_argument("--tower-lr", type=float, default=2e-4, help="vision tower peak learning rate (0 freezes it)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=2e-3, help="projector peak learning rate")
+    p.add_argument("--tower-lr", type=float, default=3e-4, help="vision tower peak learning rate (0 freezes it)")
+    p.add_argument("--threads", type=int, default=1, help="1: two torch threads on a shared 2-core machine stall")
     p.add_argument("--describe-steps", type=int, default=0, help="stage 1: regress image tokens onto word embeddings")
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--init-from", default=None, help="a parts .safetensors to continue from (default: the embedded tower)")
     p.add_argument("--save-every", type=int, default=10, help="write OUT/checkpoint/ every N steps (0: never)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--type-weights", default="", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)},
+    p.add_argument("--type-weights", default="position=1.5", type=lambda s: {k: float(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)},
                    help="sampling weight per question type, e.g. position=2")
     train(p.parse_args())
 
