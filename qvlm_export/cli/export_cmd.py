@@ -19,6 +19,11 @@ def export_command(
     dtype: Annotated[str, typer.Option(help="graph float type: fp32 | fp16 (fp16 for TensorRT) | auto (fp16 for "
                                             "fp16/bf16 checkpoints, loaded without an fp32 copy)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 21)")] = 21,
+    ragged_int4: Annotated[str, typer.Option(
+        help="int4 layers whose K is not a multiple of the group (TensorRT cannot parse them): float | int8 | "
+             "int4 (ONNX Runtime only)")] = "float",
+    external_data_bytes: Annotated[int, typer.Option(
+        min=0, help="graphs with more weight bytes than this store them as ONNX external data")] = 1_000_000_000,
     no_verify: NoVerify = False,
 ) -> None:
     """Export vision, embed and decoder graphs with Q/DQ from a quant state, plus bundle.json and the processor."""
@@ -30,7 +35,7 @@ def export_command(
 
     require_path(model, "--model", what="a Hugging Face model directory")
     require_path(quant, "--quant", what="a quant-state directory written by `qvlm-export quantize`")
-    config = ExportConfig(opset=opset)
+    config = ExportConfig(opset=opset, ragged_int4=ragged_int4, external_data_bytes=external_data_bytes)
     with writing(out):
         path = export_bundle(model=model, quant=quant, out=out, dtype=dtype, config=config,
                              log=lambda line: typer.echo(line, err=True))
