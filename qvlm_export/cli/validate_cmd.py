@@ -30,6 +30,7 @@ def validate_command(
     text: Annotated[bool, typer.Option(help="perplexity ratio and next-token agreement on English text (real-LM models)")] = True,
     text_tokens: Annotated[int, typer.Option(min=2, help="tokens of English text scored")] = 3072,
     text_window: Annotated[int, typer.Option(min=2, help="tokens per scored window of English text")] = 512,
+    speed_steps: Annotated[int, typer.Option(min=0, help="decode steps timed on ORT fast for the summary's tokens/s (0: off)")] = 16,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
     int4_accuracy_level: Annotated[int | None, typer.Option(
         help="fast mode's int4 MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: ORT's, 4)")] = None,
@@ -48,7 +49,7 @@ def validate_command(
         "eval_data": data, "eval_samples": eval_samples, "runners": runners, "task": task,
         "layer_errors": layer_errors, "thresholds": thresholds, "threads": threads,
         "int4_accuracy_level": int4_accuracy_level, "text": text, "text_tokens": text_tokens,
-        "text_window": text_window}, source="validate")
+        "text_window": text_window, "speed_steps": speed_steps}, source="validate")
     require_path(reference, "--reference", what="an FP ONNX bundle or a Hugging Face model directory")
     require_path(candidate, "--candidate", what="an ONNX bundle written by `qvlm-export export`")
     for value, flag in ((engines, "--engines"), (quant, "--quant"), (reuse_reference, "--reuse-reference")):

@@ -8,6 +8,7 @@ from rich.markup import escape
 
 from ..errors import ParityFailure
 from ..validate.report import ValidationReport
+from ..validate.speed import speed_note
 from ..validate.summary import failure_sentence, headline
 
 MAX_LINES = 20
@@ -37,6 +38,13 @@ def skipped_once(report: ValidationReport) -> dict[str, list[str]]:
         for line in c.skipped:
             lines.setdefault(line, []).append(c.name)
     return lines
+
+
+def _speed(decode: dict | None) -> str:
+    if not decode:
+        return ""
+    ratio = f", {decode['x_fp']:.2f}x FP" if "x_fp" in decode else ""
+    return f"; decode {decode['tokens_per_s']:.0f} tok/s{ratio} (ORT fast, spread {decode['spread']:.2f})"
 
 
 def print_report(report: ValidationReport, out, report_dir: Path, said: frozenset[str] = frozenset()) -> None:
@@ -76,8 +84,11 @@ def print_report(report: ValidationReport, out, report_dir: Path, said: frozense
     for c in report.candidates:
         verdicts = ", ".join(f"{k} {'[green]PASS[/]' if ok else '[red]FAIL[/]'}" for k, ok in c.verdicts().items())
         fidelity = c.export_checks.get("fidelity")
-        out.print(f"{escape(c.name)}: {verdicts}" + (f" (fidelity {escape(fidelity)})" if fidelity else ""),
-                  highlight=False, soft_wrap=True)
+        out.print(f"{escape(c.name)}: {verdicts}" + (f" (fidelity {escape(fidelity)})" if fidelity else "")
+                  + escape(_speed(c.decode)), highlight=False, soft_wrap=True)
+    note = speed_note(report.reference.get("decode"))
+    if note:
+        out.print(escape(note), highlight=False, soft_wrap=True)
     out.print(f"quality bounds: {escape(report.thresholds.source)}", highlight=False, soft_wrap=True)
     out.print(escape(failure_sentence(data)), highlight=False, soft_wrap=True)
     failures = report.failures()

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from ..errors import QvlmError
 from .bundle import GRAPHS, BundleInfo, read_bundle
+from .ort_decode import bound_decode
 from .runner import GraphSetRunner
 
 SESSION_MODES = ("faithful", "fast")
@@ -82,23 +84,47 @@ class OrtGraphSet:
     def deactivate(self) -> None:
         self.sessions.clear()
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    def session(self, graph: str) -> Any:
         if graph not in self.sessions:
             raise QvlmError(f"ONNX Runtime graph set is not active (or has no {graph!r} graph); call activate()")
-        session = self.sessions[graph]
+        return self.sessions[graph]
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        session = self.session(graph)
         names = [o.name for o in session.get_outputs()]
-        try:
+        with ort_errors(graph, self.info):
             return dict(zip(names, session.run(names, feeds)))
-        except Exception as exc:  # ORT's pybind errors (InvalidArgument, Fail, ...): one line, not a traceback
-            if not type(exc).__module__.startswith("onnxruntime"):
-                raise
-            first = " ".join(str(exc).split())
-            raise QvlmError(f"ONNX Runtime failed running the {graph} graph of {str(self.info.path)!r}: "
-                            f"{first[:300]}") from None
+
+
+@contextmanager
+def ort_errors(graph: str, info: BundleInfo) -> Iterator[None]:
+    """ORT's pybind errors (InvalidArgument, Fail, ...) as one line, not a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = " ".join(str(exc).split())
+        raise QvlmError(f"ONNX Runtime failed running the {graph} graph of {str(info.path)!r}: {first[:300]}") from None
+
+
+class OrtRunner(GraphSetRunner):
+    """The ORT runner: vision and embed through the graph set, decoder steps with IO binding
+    (``runtime/ort_decode.py``: the KV cache stays in ORT between steps; same results)."""
+
+    graphs: OrtGraphSet
+
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+               past: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+        if not self.active:
+            raise QvlmError(f"runner {self.name!r} is not active; use it as a context manager or call activate()")
+        with ort_errors("decoder", self.info):
+            return bound_decode(self.graphs.session("decoder"), self.info, inputs_embeds, attention_mask,
+                                position_ids, past)
 
 
 def ort_runner(bundle: str | Path | BundleInfo, mode: str = "faithful", threads: int | None = None,
                int4_accuracy: int | None = None) -> GraphSetRunner:
     """A :class:`~.runner.VLMRunner` on ONNX Runtime (CPU) over an exported bundle; activate before use."""
     info = bundle if isinstance(bundle, BundleInfo) else read_bundle(Path(bundle))
-    return GraphSetRunner(OrtGraphSet(info, mode, threads, int4_accuracy), info, name=f"onnxruntime-{mode}")
+    return OrtRunner(OrtGraphSet(info, mode, threads, int4_accuracy), info, name=f"onnxruntime-{mode}")

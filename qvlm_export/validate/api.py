@@ -25,6 +25,7 @@ from .parity import compare_graph
 from .reference import Reference, prepare_reference
 from .report import REPORT_KIND, CandidateResult, ValidationReport
 from .report_files import write_report_files
+from .speed import decode_speed, with_ratio
 from .static_checks import metadata_matches, weights_match_state
 from .task import task_parity
 from .text_parity import TextReference, runner_scores, text_parity, text_reference
@@ -267,18 +268,21 @@ def validate(reference: str | Path, candidates: list[CandidateSpec], out: str | 
             thresholds = derive_thresholds(model_path, [i.setting for i in infos], reference, config, samples,
                                            ref_eval, Path(scratch), thresholds, log)
         text_ref = _text_reference(reference, config, log)
+        ref_speed = decode_speed(reference.info, config.speed_steps, config.threads, config.int4_accuracy_level)
         timings["reference"] = time.perf_counter() - start
         results = []
         for spec, info in zip(candidates, infos):
             start = time.perf_counter()
             results.append(validate_candidate(reference, spec, info, config, thresholds, samples, ref_eval, log,
                                               progress, text_ref))
+            results[-1].decode = with_ratio(decode_speed(info, config.speed_steps, config.threads,
+                                                         config.int4_accuracy_level), ref_speed)
             timings[results[-1].name] = time.perf_counter() - start
         report = ValidationReport(
             reference={"path": reference.path, "kind": reference.kind, "setting": "fp", "dtype": reference.info.dtype,
                        "bundle_bytes": reference.info.graph_bytes(),
                        "eval": ref_eval.to_json() if ref_eval is not None else None,
-                       "text": _text_summary(text_ref)},
+                       "text": _text_summary(text_ref), "decode": ref_speed},
             candidates=results, thresholds=thresholds, config=config.to_dict(), timings_s=timings)
         write_report_files(report, tmp)
         inputs = {"reference": digest(hash_tree(Path(reference.info.path)))}

@@ -34,6 +34,7 @@ class ValidateConfig:
         text: perplexity ratio and next-token agreement on English text (models with a natural-language
             tokenizer; others are skipped with the reason).
         text_tokens: tokens of text scored, in windows of ``text_window``.
+        speed_steps: decode steps timed on ORT ``fast`` for the summary's tokens/s (0: not timed).
     """
 
     calib: str = "builtin:calib"
@@ -51,6 +52,7 @@ class ValidateConfig:
     text: bool = True
     text_tokens: int = 3072
     text_window: int = 512
+    speed_steps: int = 16
     version: int = VALIDATE_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class ValidateConfig:
         if self.text_window < 2 or self.text_tokens < self.text_window:
             raise QvlmError(f"validate: text_window must be at least 2 and text_tokens at least text_window, got "
                             f"{self.text_tokens} and {self.text_window}")
+        if self.speed_steps < 0:
+            raise QvlmError(f"validate: speed_steps must be 0 or more, got {self.speed_steps}")
         if self.decode_steps < 0:
             raise QvlmError(f"validate: decode_steps must be 0 or more, got {self.decode_steps}")
         if self.eval_samples is not None and self.eval_samples < 1:

@@ -45,6 +45,7 @@ class CandidateResult:
     bundle_bytes: int | None = None  # the graphs on disk (summary: bytes against the FP bundle)
     text: list[TextParity] = field(default_factory=list)  # perplexity / next-token agreement per runner
     text_skipped: str | None = None  # why text metrics did not run (e.g. a toy tokenizer)
+    decode: dict[str, Any] | None = None  # decode tokens/s on ORT fast and x_fp (validate/speed.py)
 
     @property
     def export_problems(self) -> list[str]:
@@ -79,7 +80,7 @@ class CandidateResult:
                 "verdicts": self.verdicts(), "export_checks": self.export_checks,
                 "graphs": [g.to_json() for g in self.graphs], "task": [t.to_json() for t in self.task],
                 "layers": self.layers, "bundle_bytes": self.bundle_bytes,
-                "text": [t.to_json() for t in self.text], "text_skipped": self.text_skipped}
+                "text": [t.to_json() for t in self.text], "text_skipped": self.text_skipped, "decode": self.decode}
 
 
 @dataclass
