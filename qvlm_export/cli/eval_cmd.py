@@ -24,6 +24,8 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(min=1, help="evaluate only the first N samples (at most the data's)")] = None,
     json_out: JsonOut = None,
     text: Annotated[bool, typer.Option(help="also the language model's perplexity on English text (real-LM models)")] = False,
+    text_tokens: Annotated[int, typer.Option(min=2, help="tokens of English text scored (--text)")] = 3072,
+    text_window: Annotated[int, typer.Option(min=2, help="tokens per scored window of English text (--text)")] = 512,
     no_verify: NoVerify = False,
 ) -> None:
     """Greedy exact-match accuracy, per question type and overall."""
@@ -36,9 +38,11 @@ def eval_command(
     from ..errors import QvlmError
     from ..evaluate.accuracy import evaluate
     from ..evaluate.backends import make_answerer
+    from ..evaluate.text import TextSpec
 
     for value, flag in ((model, "--model"), (quant, "--quant"), (bundle, "--bundle"), (engines, "--engines")):
         require_path(value, flag)
+    text_spec = TextSpec(text_tokens, text_window)  # a bad pair fails here, before any model loads
     with writing(None, json_out):
         samples = load_dataset(data)
         if limit is not None and limit > len(samples):  # refused, not clamped: n is what the result claims
@@ -51,7 +55,7 @@ def eval_command(
         if text:
             from ..evaluate.text import answerer_text_scores
 
-            scores = answerer_text_scores(answerer)
+            scores = answerer_text_scores(answerer, text_spec)
             result = dataclasses.replace(result, text={"perplexity": scores.perplexity, "tokens": scores.tokens})
         if json_out:
             result.write_json(json_out)

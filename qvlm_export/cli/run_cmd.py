@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated
 
 import typer
@@ -9,14 +10,30 @@ import typer
 from . import app
 from .options import Device, NoVerify, Progress
 
-# CLI option -> run-config key; every other key is reachable with --set section.key=value or --config.
-OPTION_KEYS = {
-    "model": "model", "out": "out", "method": "quantize.method", "settings": "quantize.settings",
-    "calib": "quantize.calib", "device": "quantize.device", "calib_samples": "quantize.recipe.calibration.samples",
-    "iterations": "quantize.recipe.method_args.iterations", "profile": "build.profile", "engines": "build.engines",
-    "eval_samples": "validate.eval_samples", "parity_samples": "validate.calib_samples",
-    "thresholds": "validate.thresholds", "threads": "validate.threads",
+
+def _opt(kind, help: str, **kw):
+    return Annotated[kind | None, typer.Option(help=help, **kw)]
+
+
+# Each option once: its run-config key and its declaration (the device group from options.py).
+# Every other key is reachable with --set section.key=value or --config.
+RUN_OPTIONS: dict[str, tuple[str, object]] = {
+    "model": ("model", _opt(str, "Hugging Face LLaVA-family directory (default: embedded model)")),
+    "out": ("out", _opt(str, "run directory (default: qvlm-run)")),
+    "method": ("quantize.method", _opt(str, "quantization method (default: qvlm)")),
+    "settings": ("quantize.settings", _opt(str, "comma-separated deployable settings (default: w8a8,w4a16)")),
+    "calib": ("quantize.calib", _opt(str, "calibration data (default: builtin:calib)")),
+    "device": ("quantize.device", Device),
+    "calib_samples": ("quantize.recipe.calibration.samples", _opt(int, "calibration samples of the search", min=1)),
+    "iterations": ("quantize.recipe.method_args.iterations", _opt(int, "search iterations per block (Q-VLM)", min=1)),
+    "profile": ("build.profile", _opt(str, "TensorRT build profile: edge | server | YAML")),
+    "engines": ("build.engines", _opt(str, "TensorRT engines: auto | off | required")),
+    "eval_samples": ("validate.eval_samples", _opt(int, "eval samples for task parity", min=1)),
+    "parity_samples": ("validate.calib_samples", _opt(int, "calibration samples fed to graph parity", min=1)),
+    "thresholds": ("validate.thresholds", _opt(str, "parity thresholds YAML")),
+    "threads": ("validate.threads", _opt(int, "ONNX Runtime intra-op threads", min=1)),
 }
+OPTION_KEYS = {name: key for name, (key, _) in RUN_OPTIONS.items()}  # CLI option -> run-config key
 
 
 def cli_overrides(given: dict[str, object]) -> list[str]:
@@ -27,34 +44,18 @@ def cli_overrides(given: dict[str, object]) -> list[str]:
             for k, v in given.items() if v is not None]
 
 
-@app.command("run")
 def run_command(
-    ctx: typer.Context,
     config: Annotated[str | None, typer.Option("--config", help="run config YAML (see qvlm_export/pipeline_config.py)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override any config key: section.key=value (repeatable)")] = None,
-    model: Annotated[str | None, typer.Option(help="Hugging Face LLaVA-family directory (default: embedded model)")] = None,
-    out: Annotated[str | None, typer.Option(help="run directory (default: qvlm-run)")] = None,
-    method: Annotated[str | None, typer.Option(help="quantization method (default: qvlm)")] = None,
-    settings: Annotated[str | None, typer.Option(help="comma-separated deployable settings (default: w8a8,w4a16)")] = None,
-    calib: Annotated[str | None, typer.Option(help="calibration data (default: builtin:calib)")] = None,
-    device: Device = None,
-    calib_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples of the search")] = None,
-    iterations: Annotated[int | None, typer.Option(min=1, help="search iterations per block (Q-VLM)")] = None,
-    profile: Annotated[str | None, typer.Option(help="TensorRT build profile: edge | server | YAML")] = None,
-    engines: Annotated[str | None, typer.Option(help="TensorRT engines: auto | off | required")] = None,
-    eval_samples: Annotated[int | None, typer.Option(min=1, help="eval samples for task parity")] = None,
-    parity_samples: Annotated[int | None, typer.Option(min=1, help="calibration samples fed to graph parity")] = None,
-    thresholds: Annotated[str | None, typer.Option(help="parity thresholds YAML")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
     progress: Progress = True,
     no_verify: NoVerify = False,
+    **given: object,  # the RUN_OPTIONS, added to the signature below
 ) -> None:
     """Embedded model + built-in calibration set -> Q-VLM W8A8 and W4A16 -> ONNX -> ORT/TensorRT -> validated report."""
     from ..pipeline import run_pipeline
     from ..pipeline_config import load_run_config
     from .validate_view import console, fail_on, print_report
 
-    given = {name: ctx.params[name] for name in OPTION_KEYS}  # the options above that map to config keys
     resolved = load_run_config(config, [*cli_overrides(given), *(set_ or [])])
     term = console()
     result = run_pipeline(resolved, log=lambda m: term.log(m), progress=progress)
@@ -66,6 +67,19 @@ def run_command(
 
         raise ParityFailure(f"check-trt failed for {', '.join(bad)}: see {result.out / 'check-trt'}")
     fail_on(result.report)
+
+
+def _with_run_options(command):
+    """Typer reads options from the signature: put RUN_OPTIONS in it, in --help's order (after --set)."""
+    fixed = list(inspect.signature(command, eval_str=True).parameters.values())[:-1]  # drop **given
+    extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
+             for name, (_, annotation) in RUN_OPTIONS.items()]
+    command.__signature__ = inspect.Signature([*fixed[:2], *extra, *fixed[2:]])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+    return command
+
+
+app.command("run")(_with_run_options(run_command))
 
 
 def stage_results(result) -> dict[str, str]:

@@ -181,34 +181,12 @@ def graph_runner(engines: Path | TrtEngineSet, graph: str, name: str | None = No
     picks the prefill or decode profile per call, so Polygraphy's ``Comparator`` can feed
     it any step.
     """
-    import time
-    from collections import OrderedDict
+    from ..runtime.graph_runner import GraphRunner
 
-    from polygraphy.backend.base import BaseRunner
-
-    class TrtGraphRunner(BaseRunner):
-        def __init__(self):
-            super().__init__(name=name or f"tensorrt-{graph}", prefix="tensorrt")
-            self.owned = isinstance(engines, str | Path)
-
-        def activate_impl(self):
-            self.engines = TrtEngineSet(Path(engines)).activate() if self.owned else engines
-
-        def get_input_metadata_impl(self):
-            return input_metadata(self.engines.manifest, graph)
-
-        def infer_impl(self, feed_dict):
-            start = time.time()
-            outputs = self.engines.run(graph, dict(feed_dict))
-            self.inference_time = time.time() - start
-            return OrderedDict(outputs)
-
-        def deactivate_impl(self):
-            if self.owned:
-                self.engines.deactivate()
-            del self.engines
-
-    return TrtGraphRunner()
+    owned = isinstance(engines, str | Path)
+    graphs = TrtEngineSet(Path(engines)) if owned else engines
+    return GraphRunner(graphs, graph, lambda engine_set: input_metadata(engine_set.manifest, graph), owned=owned,
+                       name=name or f"tensorrt-{graph}", prefix="tensorrt")
 
 
 def tensorrt_runner(engine_dir: Path, environment: TrtEnvironment | None = None):

@@ -81,7 +81,8 @@ def rtn_layer(weight: torch.Tensor, recipe: QuantRecipe, input_scale: torch.Tens
 
 
 def activation_scale(absmax: torch.Tensor | float, bits: int) -> torch.Tensor:
-    """Kept for callers outside the package: :func:`.primitives.absmax_scale`. In the package an
+    """Kept for callers outside the package (tests/test_qvlm_memory.py): :func:`.primitives.absmax_scale`;
+    nothing in the package calls it. In the package an
     "activation scale" is the stored per-tensor input scale (``LayerQuant.input_scale``, what
     :func:`qvlm_export.export.qdq.activation_scale` writes); the computation is ``absmax_scale``."""
     return absmax_scale(absmax, bits)

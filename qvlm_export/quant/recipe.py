@@ -42,7 +42,8 @@ class SettingSpec:
     deployable: bool  # False: simulated (fake-quant) only
     runs_on: str
 
-    # Rows were 5-tuples; unpacking and indexing still read them in that order.
+    # Rows were 5-tuples; unpacking and indexing still read them in that order (tests/test_recipes.py and
+    # tests/test_validate_stats.py do; the package reads the named fields).
     def __iter__(self):
         return iter(dataclasses.astuple(self))
 

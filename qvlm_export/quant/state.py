@@ -30,7 +30,7 @@ import torch
 from ..errors import QvlmError
 from ..yaml_files import parse_yaml
 from . import functional as F
-from .recipe import QuantRecipe, recipe_from_dict
+from .recipe import RECIPE_VERSION, QuantRecipe, recipe_from_dict
 
 STATE_FORMAT = 1
 
@@ -100,6 +100,13 @@ class QuantState:
         (out_dir / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def check_version(state_dir: Path, what: str, value: Any, supported: int) -> None:
+    """A state another qvlm-export wrote (a newer layout or recipe version): one line naming both ways out."""
+    if value != supported or isinstance(value, bool):
+        raise QvlmError(f"{state_dir}: {what} {value!r} is not supported (this qvlm-export reads {supported}); "
+                        "upgrade qvlm-export, or re-run 'qvlm-export quantize' with this one")
+
+
 def load_state(state_dir: Path, verify: bool | None = None) -> QuantState:
     """Read a quant-state directory written by :meth:`QuantState.save`.
 
@@ -123,10 +130,12 @@ def load_state(state_dir: Path, verify: bool | None = None) -> QuantState:
         meta = json.loads((state_dir / "state.json").read_text())
     except json.JSONDecodeError as exc:
         raise QvlmError(f"{state_dir / 'state.json'} is not valid JSON ({exc.msg}); re-run 'qvlm-export quantize'") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise QvlmError(f"{state_dir}: quant-state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
+    check_version(state_dir, "quant-state format", meta.get("format"), STATE_FORMAT)
     recipe_file = state_dir / "recipe.yaml"
-    recipe = recipe_from_dict(parse_yaml(recipe_file.read_text(), str(recipe_file)), source=str(recipe_file))
+    raw_recipe = parse_yaml(recipe_file.read_text(), str(recipe_file))
+    if isinstance(raw_recipe, dict):  # (what else is wrong with it, recipe_from_dict says)
+        check_version(state_dir, "recipe version", raw_recipe.get("version", RECIPE_VERSION), RECIPE_VERSION)
+    recipe = recipe_from_dict(raw_recipe, source=str(recipe_file))
     tensors = load_file(str(state_dir / "quant.safetensors"))
     layers = {}
     for name, m in meta["layers"].items():

@@ -1,4 +1,5 @@
-"""The runner contract every backend implements (ONNX Runtime here, TensorRT in ``build``).
+"""The runner contract every backend implements (ONNX Runtime here, TensorRT in ``engine``, the PyTorch
+model in :mod:`.torch_runner`; Polygraphy's per-graph runners over the same graph sets in :mod:`.graph_runner`).
 
 Polygraphy-style: a runner is built from a bundle description, does nothing until
 :meth:`activate` (sessions/engines are created there, never at import or construction),

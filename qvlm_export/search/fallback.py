@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from ..quant import functional as F
-from ..quant.modules import activation_scale, quantizable_linears
+from ..quant.modules import quantizable_linears
+from ..quant.primitives import absmax_scale
 from ..quant.recipe import QuantRecipe
 
 RANKED = 20  # how many of the ranking the state keeps, for the report
@@ -80,7 +81,7 @@ def layer_scores(vlm, batches, recipe: QuantRecipe) -> dict[str, dict[str, float
 
     def sqnr(n: str, x: torch.Tensor) -> None:
         w = linears[n].weight.detach().float()
-        scale = activation_scale(acc[n]["absmax"], bits).to(x.device)
+        scale = absmax_scale(acc[n]["absmax"], bits).to(x.device)
         q = F.fake_quantize(x, scale, torch.zeros((), dtype=torch.int32), bits, True, "tensor")
         signal, noise = (x @ w.t()).double().pow(2).sum(-1), ((q - x) @ w.t()).double().pow(2).sum(-1)
         acc[n]["signal"] += float(signal.sum())

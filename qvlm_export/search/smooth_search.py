@@ -21,7 +21,7 @@ from torch import nn
 
 from ..quant import functional as F
 from ..quant.calibrate import BlockContext
-from ..quant.modules import activation_scale
+from ..quant.primitives import absmax_scale
 from ..quant.recipe import QuantRecipe
 from .algorithms import pseudo_quantize
 from .smoothing import ScaleGroup, consumer_weight_absmax, smoothquant_scales
@@ -80,7 +80,7 @@ def search_alpha(ctx: BlockContext, group: ScaleGroup, act_absmax: torch.Tensor,
     try:
         for alpha in alphas:
             s = smoothquant_scales(act_absmax, weight_absmax, alpha).to(originals[0].dtype)
-            scale = None if bits is None else activation_scale((act_absmax / s).max(), bits).to(s.device)
+            scale = None if bits is None else absmax_scale((act_absmax / s).max(), bits).to(s.device)
             with torch.no_grad():
                 for lin, w0 in zip(linears, originals):
                     lin.weight.copy_(pseudo_quantize(w0 * s, w.bits, w.granularity, w.group_size))
