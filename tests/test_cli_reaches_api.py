@@ -167,7 +167,7 @@ RUN_VALUES = {
     "validate.decode_steps": 2, "validate.eval_data": "builtin:eval:4", "validate.eval_samples": 7,
     "validate.runners": ("faithful",), "validate.task": False, "validate.layer_errors": False,
     "validate.thresholds": "t.yaml", "validate.threads": 2, "validate.int4_accuracy_level": 1, "validate.text": False,
-    "validate.text_tokens": 1024, "validate.text_window": 256,
+    "validate.text_tokens": 1024, "validate.text_window": 256, "validate.speed_steps": 4,
     "export.dtype": "fp16", "export.opset": 22, "export.example_batch": 3, "export.example_seq": 5,
     "export.example_past": 6, "export.attn_implementation": "sdpa", "export.external_data_bytes": 1000,
     "export.ragged_int4": "int8",
