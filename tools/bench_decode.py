@@ -15,7 +15,8 @@ full depth: what a purely memory-bound decode would gain over FP32.
 
 Variants: ``run`` (``session.run`` with numpy feeds: KV copied in and out each step), ``bound``
 (IO binding, KV left in ORT: what ``qvlm_export``'s runner does), ``bound-acc1`` (bound, int4
-MatMulNBits at accuracy level 1: fp32 activations).
+MatMulNBits at accuracy level 1: fp32 activations), ``bound-nospin`` (bound, ORT's thread pool
+sleeps instead of spinning between kernels).
 
     OMP_NUM_THREADS=2 .venv/bin/python tools/bench_decode.py /tmp/bench-decode/b-2-* --full-layers 32 \
         --json docs/decode.json
@@ -35,7 +36,8 @@ from pathlib import Path
 
 VARIANTS = {"run": {"bound": False, "int4_accuracy": None},
             "bound": {"bound": True, "int4_accuracy": None},
-            "bound-acc1": {"bound": True, "int4_accuracy": 1}}
+            "bound-acc1": {"bound": True, "int4_accuracy": 1},
+            "bound-nospin": {"bound": True, "int4_accuracy": None, "spin": False}}
 LAYER = re.compile(r"layers\.(\d+)\.")
 ONNX_BYTES = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 16: 2, 21: 0.5, 22: 0.5}
 
@@ -80,6 +82,8 @@ def worker(bundle: Path, variant: str, prompt: int, steps: int, threads: int, re
 
     def session(profile_dir: str | None = None):
         options = session_options("fast", threads, spec["int4_accuracy"])
+        if not spec.get("spin", True):  # idle pool threads sleep instead of spinning (a loaded machine)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_dir:
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(profile_dir) / "decode")
