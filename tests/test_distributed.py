@@ -134,3 +134,13 @@ def test_batches_are_split_in_contiguous_whole_batches(monkeypatch):
     assert [distributed.owner(b, 7) for b in range(7)] == [0, 0, 1, 1, 2, 2, 2]
     with pytest.raises(distributed.QvlmError, match="2 batches for 3 ranks"):
         distributed.shard(2)
+
+
+def test_methods_without_reductions_are_refused_under_torchrun(monkeypatch, tmp_path):
+    from qvlm_export.search.api import quantize
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(distributed.QvlmError, match="method 'qig' has no data-parallel calibration yet"):
+        quantize(recipe="qig-w4a16", out=tmp_path / "q", device="cpu", progress=False)
+    assert not distributed.active() and not (tmp_path / "q").exists()
