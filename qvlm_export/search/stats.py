@@ -167,20 +167,16 @@ def collect_input_stats(ctx: BlockContext, names: Iterable[str], hessian: bool =
 
 
 def _merged(parts: dict[str, list], device) -> dict[str, InputStats]:
-    """Every rank's per-batch statistics added up in the single process's batch order."""
-    out = {}
-    for name, ordered in _by_name(parts).items():
-        merged = InputStats()
-        for part in ordered:
-            merged.add(part.to(device))
-        out[name] = merged
-    return out
+    """Every rank's per-batch statistics added up in the single process's batch order (passed from rank to
+    rank: the shards are contiguous, and each rank's parts are in its batch order)."""
+    def fold(acc: dict[str, InputStats] | None, local: dict[str, list]) -> dict[str, InputStats]:
+        acc = {n: InputStats() for n in local} if acc is None else {n: s.to(device) for n, s in acc.items()}
+        for name, pairs in local.items():
+            for _, part in pairs:
+                acc[name].add(part)
+        return acc
 
-
-def _by_name(parts: dict[str, list]) -> dict[str, list]:
-    gathered = distributed.all_gather(parts)
-    return {name: [p for _, p in sorted((pair for rank_parts in gathered for pair in rank_parts[name]),
-                                         key=lambda pair: pair[0])] for name in parts}
+    return {n: s.to(device) for n, s in distributed.chain(parts, fold).items()}
 
 
 def input_groups(ctx: BlockContext) -> list[list[str]]:
