@@ -33,7 +33,7 @@ from ..data.synthetic import Sample
 from ..families import family_of
 from ..load.model import LoadedVLM, build_prompt
 from . import distributed
-from .checkpoint import BlockCheckpoint, run_fingerprint
+from .checkpoint import BlockCheckpoint, finished_block, run_fingerprint
 from .modules import (
     QuantLinear,
     apply_overrides,
@@ -105,17 +105,6 @@ def quantize_without_data(vlm: LoadedVLM, recipe: QuantRecipe,
             weight_zero_point=layer.weight_zero_point.cpu())
     extras = {"left_out": unused_layers(vlm.model.config)}
     return QuantState(recipe=recipe, layers=layers, model_path=str(vlm.path), extras=extras)
-
-
-def _finished_block(ckpt: BlockCheckpoint | None, position: int) -> QuantState | None:
-    """Block ``position`` as an earlier run saved it, or None; under torchrun rank 0 reads it and sends it
-    to the others, so every rank takes the same decision (and no shared filesystem is needed)."""
-    if ckpt is None:
-        return None
-    if not distributed.active():
-        return ckpt.load(position) if ckpt.has(position) else None
-    done = ckpt.load(position) if distributed.rank() == 0 and ckpt.has(position) else None
-    return distributed.broadcast(done)
 
 
 class _Stop(Exception):
@@ -325,7 +314,7 @@ class SequentialCalibrator:
                     q_x, fp_x = [norm(x) for x in q_x], [norm(x) for x in fp_x]
                 kw = [{} for _ in self.local]
             ctx = self._context(units, q_x, fp_x, kw)
-            done = _finished_block(ckpt, position)
+            done = finished_block(ckpt, position)
             if done is not None:
                 self._replay(ctx, done)
             else:
