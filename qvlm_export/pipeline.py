@@ -128,13 +128,16 @@ def preflight(config: RunConfig) -> dict[str, QuantRecipe]:
 def _quantize_all(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path, stage: _Timer,
                   progress: bool, log: Log) -> dict[str, Path]:
     from .pipeline_resume import quant_state_current
-    from .search.api import quantize
+    from .quant import distributed
+    from .search.api import quantize, resolve_device
 
     q = config.quantize
     states = {}
+    if distributed.launched():  # torchrun: the other ranks follow rank 0's decisions (quantize_share)
+        distributed.setup(resolve_device(q.device))
     for setting, recipe in recipes.items():
         name, target = f"quantize {q.method} {setting}", out / "quant" / setting
-        if quant_state_current(config.model, recipe, q.calib, q.device, target):
+        if distributed.broadcast(quant_state_current(config.model, recipe, q.calib, q.device, target)):
             states[setting] = stage.reuse(name, target)
             continue
         checkpoint = Path(q.checkpoint_dir) / setting if q.checkpoint_dir else None
@@ -142,6 +145,24 @@ def _quantize_all(config: RunConfig, recipes: dict[str, QuantRecipe], out: Path,
         states[setting] = stage(name, lambda r=recipe, t=target, c=checkpoint, b=block_log: quantize(
             config.model, r, calib=q.calib, out=t, device=q.device, progress=progress, checkpoint_dir=c, log=b))
     return states
+
+
+def quantize_share(config: RunConfig, progress: bool = False) -> None:
+    """A torchrun rank other than 0 in ``run``: its share of every quantize stage rank 0 redoes
+    (the same quantize() calls; rank 0 writes the states and alone goes on to export and validate)."""
+    from .quant import distributed
+    from .search.api import quantize, resolve_device
+
+    q = config.quantize
+    recipes = preflight(config)  # the same refusals as rank 0, before any collective
+    distributed.setup(resolve_device(q.device))
+    for setting, recipe in recipes.items():
+        if distributed.broadcast(None):  # rank 0 reuses this setting's state
+            continue
+        target = Path(config.out) / "quant" / setting
+        checkpoint = Path(q.checkpoint_dir) / setting if q.checkpoint_dir else None
+        quantize(config.model, recipe, calib=q.calib, out=target, device=q.device, progress=False,
+                 checkpoint_dir=checkpoint)
 
 
 def _export_one(name: str, config: RunConfig, state: Path | None, target: Path, export_config, stage: _Timer) -> Path:

@@ -26,15 +26,19 @@ def quantize_command(
     from pathlib import Path
 
     from ..manifest import check_output_dir
+    from ..quant import distributed
     from ..search.api import quantize
 
     # (the recipe, its method_args and --model are checked by quantize() itself, before the load)
     if checkpoint_dir is not None:
         check_output_dir(Path(checkpoint_dir), flag="--checkpoint-dir")
-    with writing(out):
+    primary = distributed.is_primary()  # under torchrun rank 0 alone locks and writes --out
+    with writing(out if primary else None):
         path = quantize(model=model, recipe=recipe, calib=calib, out=out, device=device, progress=progress,
                         checkpoint_dir=checkpoint_dir, dtype=dtype,
                         log=None if progress else (lambda line: typer.echo(line, err=True)))
+    if not primary:
+        return
     meta = json.loads((Path(path) / "state.json").read_text())
     seconds = json.loads((Path(path) / "manifest.json").read_text()).get("search_seconds", 0)
     kind = "deployable" if meta["deployable"] else "simulated only"

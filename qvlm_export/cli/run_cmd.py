@@ -57,6 +57,12 @@ def run_command(
     from .validate_view import console, fail_on, print_report
 
     resolved = load_run_config(config, [*cli_overrides(given), *(set_ or [])])
+    from ..quant import distributed
+
+    if not distributed.is_primary():  # torchrun: this rank helps rank 0 quantize, then exits 0
+        from ..pipeline import quantize_share
+
+        return quantize_share(resolved)
     term = console()
     result = run_pipeline(resolved, log=lambda m: term.log(m), progress=progress)
     print_stages(result, term)

@@ -32,7 +32,8 @@ from torch import nn
 from ..data.synthetic import Sample
 from ..families import family_of
 from ..load.model import LoadedVLM, build_prompt
-from .checkpoint import BlockCheckpoint, run_fingerprint
+from . import distributed
+from .checkpoint import BlockCheckpoint, finished_block, run_fingerprint
 from .modules import (
     QuantLinear,
     apply_overrides,
@@ -184,6 +185,15 @@ class BlockContext:
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    # data-parallel calibration (quant/distributed.py): the global indices of the batches above
+    # (None: all of them, in order) and the global batch count
+    batch_ids: list[int] | None = None
+    total_batches: int | None = None
+
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches over every rank (``len(q_inputs)`` in one process)."""
+        return len(self.q_inputs) if self.total_batches is None else self.total_batches
 
     def forward(self, x: torch.Tensor, batch: int, fp: bool = False, upto: int | None = None) -> torch.Tensor:
         """Run ``x`` (batch ``batch``) through the block's units (``upto`` exclusive) of one stream."""
@@ -226,7 +236,9 @@ class SequentialCalibrator:
         self.block_weights = block_weights
         if block_weights:
             place_stem(vlm.model, self.device)
-        self.batches = encode_batches(vlm, samples, batch_size)
+        self.batches = encode_batches(vlm, samples, batch_size)  # every rank's, for fingerprints and plans
+        # this rank's batches (all of them in one process): only their activations are computed here
+        self.local = distributed.shard(len(self.batches))
         self.units = model_units(vlm.model, include_lm_head=recipe.modules.lm_head)
         self.extras: dict[str, Any] = {}  # a method's plan() results, copied into the state's extras
         self.checkpoint_dir = checkpoint_dir  # see run(); None: no checkpoints
@@ -236,7 +248,7 @@ class SequentialCalibrator:
         model, family = self.vlm.model, family_of(self.vlm.model)
         tower, first = model.get_submodule(family.vision_tower), model.get_submodule(f"{family.vision_layers}.0")
         xs, kws = [], []
-        for b in self.batches:
+        for b in distributed.local_items(self.local, self.batches):
             tiles = family.tiles_torch(self.vlm.model, b.images(self.device))
             x, kwargs = _capture_call(first, lambda t=tiles: tower(t))
             xs.append(x)
@@ -248,7 +260,7 @@ class SequentialCalibrator:
         language_model, embed_tokens = model.get_submodule(family.language_model), model.get_submodule(family.embed_tokens)
         first = model.get_submodule(f"{family.decoder_layers}.0")
         xs, kws = [], []
-        for b, feats in zip(self.batches, image_features):
+        for b, feats in zip(distributed.local_items(self.local, self.batches), image_features):
             ids = b.input_ids.to(self.device)
             embeds = embed_tokens(ids)
             mask = (ids == self.vlm.model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
@@ -291,7 +303,7 @@ class SequentialCalibrator:
             if kind == "projector":
                 q_x = self._select(vision_hidden["q"])
                 fp_x = self._select(vision_hidden["fp"])
-                kw = [{} for _ in self.batches]
+                kw = [{} for _ in self.local]
             elif kind == "decoder" and units[0].index == 0:
                 with torch.no_grad():
                     q_x, kw = self._decoder_inputs(q_x)
@@ -300,13 +312,14 @@ class SequentialCalibrator:
                 norm = self.vlm.model.get_submodule(family_of(self.vlm.model).final_norm)
                 with torch.no_grad():
                     q_x, fp_x = [norm(x) for x in q_x], [norm(x) for x in fp_x]
-                kw = [{} for _ in self.batches]
+                kw = [{} for _ in self.local]
             ctx = self._context(units, q_x, fp_x, kw)
-            if ckpt is not None and ckpt.has(position):
-                self._replay(ctx, ckpt.load(position))
+            done = finished_block(ckpt, position)
+            if done is not None:
+                self._replay(ctx, done)
             else:
                 block_fn(ctx)
-                if ckpt is not None:
+                if ckpt is not None and distributed.is_primary():  # one writer; every rank replays its copy
                     ckpt.save(position, ctx.layers, ctx.overrides, ctx.extras)
             if progress:
                 progress(",".join(u.name for u in units), ctx.extras)
@@ -344,12 +357,13 @@ class SequentialCalibrator:
         # Every unit of a block shares the batch kwargs of its stack (masks, rotary embeddings).
         return BlockContext(units=units, modules=modules, fp_modules=fp_modules,
                             q_inputs=[x.to(self.device) for x in q_x], fp_inputs=[x.to(self.device) for x in fp_x],
-                            kwargs=[kw for _ in units], recipe=self.recipe, root=self.vlm.model)
+                            kwargs=[kw for _ in units], recipe=self.recipe, root=self.vlm.model,
+                            batch_ids=self.local if distributed.active() else None, total_batches=len(self.batches))
 
     def _propagate(self, ctx: BlockContext, units: list[Unit], vision_hidden) -> tuple[list, list]:
         q_out, fp_out = [], []
         with torch.no_grad():
-            for b in range(len(self.batches)):
+            for b in range(len(ctx.q_inputs)):
                 q, f = ctx.q_inputs[b], ctx.fp_inputs[b]
                 for i, u in enumerate(units):
                     q = ctx.modules[i](q, **ctx.kwargs[i][b])
@@ -374,4 +388,4 @@ class SequentialCalibrator:
 
     def _select(self, hidden: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
         cfg = self.vlm.model.config
-        return [select_image_features(cfg, {k: v[b] for k, v in hidden.items()}) for b in range(len(self.batches))]
+        return [select_image_features(cfg, {k: v[b] for k, v in hidden.items()}) for b in range(len(self.local))]

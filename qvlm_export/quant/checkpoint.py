@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..manifest import atomic_directory
+from . import distributed
 from .recipe import QuantRecipe
 from .state import LayerQuant, QuantState, load_state
 
@@ -69,3 +70,14 @@ class BlockCheckpoint:
 
     def load(self, index: int) -> QuantState:
         return load_state(self._path(index), verify=False)  # no manifest: the fingerprint names it
+
+
+def finished_block(ckpt: BlockCheckpoint | None, position: int) -> QuantState | None:
+    """Block ``position`` as an earlier run saved it, or None; under torchrun rank 0 reads it and sends it
+    to the others, so every rank takes the same decision (and no shared filesystem is needed)."""
+    if ckpt is None:
+        return None
+    if not distributed.active():
+        return ckpt.load(position) if ckpt.has(position) else None
+    done = ckpt.load(position) if distributed.rank() == 0 and ckpt.has(position) else None
+    return distributed.broadcast(done)

@@ -19,10 +19,13 @@ import numpy as np
 from ..data.synthetic import Sample
 from ..errors import QvlmError
 from ..manifest import atomic_directory, build_manifest, digest, hash_tree, write_manifest
+from ..quant import distributed
 from ..quant.recipe import CalibrationSpec, QuantRecipe, load_recipe
 from ..quant.state import QuantState
 
 ARTIFACT_KIND = "quant-state"
+# methods whose statistics and steps quant/distributed.py reduces (torchrun --nproc-per-node N)
+DISTRIBUTED_METHODS = frozenset({"rtn", "smoothquant", "gptq", "awq", "qvlm"})
 
 
 def calibration_samples(calib: str | Path, spec: CalibrationSpec) -> list[Sample]:
@@ -209,6 +212,7 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
         raise QvlmError("method 'fp' is the unquantized model; evaluate it with 'qvlm-export eval' without --quant")
     method = build_method(rec)
     device = resolve_device(device)
+    compute, progress, log = _join_ranks(rec, device, progress, log)
     path = resolve_model_path(model)
     load_dtype = resolve_load_dtype(dtype, path)
     require_memory("quantize", path, load_dtype, QUANTIZE_FACTOR)
@@ -216,11 +220,12 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     samples = None if data_free else calibration_samples(calib, rec.calibration)  # bad data fails before the load
     # per-block placement (and data-free methods) load on the host and move weights as they go
     on_host = block_weights(method, device) or data_free
-    vlm = load_vlm(path, device="cpu" if on_host else device, dtype=load_dtype)
+    vlm = load_vlm(path, device="cpu" if on_host else compute, dtype=load_dtype)
     check_family(method, vlm.model)
     start = time.perf_counter()
     rotated = _rotate(vlm.model, rec) if rec.rotation is not None else None
-    state, samples = _calibrated_state(method, vlm, rec, calib, device, progress, checkpoint_dir, samples, log)
+    state, samples = _calibrated_state(method, vlm, rec, calib, compute, progress, checkpoint_dir, samples, log)
+    state.extras.get("calibration", {})["device"] = device  # "cuda", not this rank's "cuda:1": the state is N's
     if rotated is not None:
         _record_rotation(state, *rotated)
     seconds = time.perf_counter() - start
@@ -229,6 +234,9 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
     config, inputs = quantize_identity(vlm.path, rec, calib, samples, device, load_dtype)
     del vlm  # the state is all that is written; free the model before serialising it
     gc.collect()  # (safetensors copies every tensor into bytes while saving)
+    if not distributed.is_primary():
+        distributed.barrier()  # rank 0 writes the one artifact; this rank is done once it has
+        return Path(out)
     with atomic_directory(Path(out)) as tmp:
         state.save(tmp)
         write_manifest(tmp, build_manifest(ARTIFACT_KIND, config, inputs, tmp,
@@ -238,5 +246,22 @@ def quantize(model: str | Path | None = None, recipe: str | Path | QuantRecipe =
                                                   # state's files are byte-identical across identical runs
                                                   "search_seconds": round(seconds, 3),
                                                   # float reductions, hence searched codes, depend on it
-                                                  "torch_threads": torch.get_num_threads()}))
+                                                  "torch_threads": torch.get_num_threads(),
+                                                  "ranks": distributed.world()}))
+    distributed.barrier()
     return Path(out)
+
+
+def _join_ranks(rec: QuantRecipe, device: str, progress: bool, log):
+    """Under torchrun: join the process group; returns the compute device (this rank's GPU) and the
+    progress/log settings (rank 0 alone reports)."""
+    if not distributed.launched():
+        return device, progress, log
+    if rec.method not in DISTRIBUTED_METHODS:
+        raise QvlmError(f"method {rec.method!r} has no data-parallel calibration yet (torchrun with "
+                        f"{distributed.env_world()} ranks); run it as one process, or use one of "
+                        f"{sorted(DISTRIBUTED_METHODS)}")
+    compute = distributed.setup(device)
+    if not distributed.is_primary():
+        progress, log = False, None
+    return compute, progress, log

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..quant import distributed
 from ..quant.calibrate import BlockContext
 
 
@@ -63,6 +64,26 @@ class InputStats:
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
         if keep_every:
             self.rows = (self.rows or []) + [x[::keep_every].clone()]
+
+    def add(self, part: InputStats) -> None:
+        """Fold in the statistics of one :meth:`update` (another rank's batch) with the very float operations
+        ``update`` would have done here, so the merged result is byte-identical to one process's."""
+        self.tokens += part.tokens
+        if self.channel_absmax is None:
+            self.channel_absmax, self.channel_abssum = part.channel_absmax, part.channel_abssum
+        else:
+            self.channel_absmax = torch.maximum(self.channel_absmax, part.channel_absmax)
+            self.channel_abssum = self.channel_abssum + part.channel_abssum
+        self.absmax = self.channel_absmax.max()
+        if part.xtx is not None:
+            self.xtx = part.xtx if self.xtx is None else self.xtx + part.xtx
+        if part.rows is not None:
+            self.rows = (self.rows or []) + part.rows
+
+    def to(self, device) -> InputStats:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return InputStats(self.tokens, move(self.absmax), move(self.channel_absmax), move(self.channel_abssum),
+                          move(self.xtx), None if self.rows is None else [r.to(device) for r in self.rows])
 
 
 def token_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -114,14 +135,22 @@ def collect_input_stats(ctx: BlockContext, names: Iterable[str], hessian: bool =
     names = list(names)
     stats = {n: InputStats() for n in names}
     n_tokens = sum(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0] for x in ctx.q_inputs)
+    if distributed.active():
+        n_tokens = sum(distributed.all_gather(n_tokens))  # the stride is the single process's
     keep_every = max(n_tokens // keep_tokens, 1) if keep_tokens else 0
     current: dict[str, int] = {"batch": 0}
     handles = []
+    parts: dict[str, list] = {n: [] for n in names}  # distributed: (global batch, one update's statistics)
+    ids = ctx.batch_ids
 
     def make_hook(name: str, unit: int):
         def hook(_module, args):
             x = _rows(args[0], batch_mask(ctx, unit, current["batch"]))
-            stats[name].update(x, hessian, keep_every)
+            if ids is None:
+                stats[name].update(x, hessian, keep_every)
+            else:
+                parts[name].append((ids[current["batch"]], part := InputStats()))
+                part.update(x, hessian, keep_every)
         return hook
 
     for name in names:
@@ -134,7 +163,20 @@ def collect_input_stats(ctx: BlockContext, names: Iterable[str], hessian: bool =
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return stats if ids is None else _merged(parts, ctx.q_inputs[0].device)
+
+
+def _merged(parts: dict[str, list], device) -> dict[str, InputStats]:
+    """Every rank's per-batch statistics added up in the single process's batch order (passed from rank to
+    rank: the shards are contiguous, and each rank's parts are in its batch order)."""
+    def fold(acc: dict[str, InputStats] | None, local: dict[str, list]) -> dict[str, InputStats]:
+        acc = {n: InputStats() for n in local} if acc is None else {n: s.to(device) for n, s in acc.items()}
+        for name, pairs in local.items():
+            for _, part in pairs:
+                acc[name].add(part)
+        return acc
+
+    return {n: s.to(device) for n, s in distributed.chain(parts, fold).items()}
 
 
 def input_groups(ctx: BlockContext) -> list[list[str]]:
@@ -182,10 +224,15 @@ def masked_mse(ctx: BlockContext, outputs: list[torch.Tensor], targets: list[tor
     """Mean squared error over real tokens of per-batch outputs of ``unit`` (default: the block's last)."""
     total, count = 0.0, 0
     unit = len(ctx.units) - 1 if unit is None else unit
+    terms = []
     for b, (out, ref) in enumerate(zip(outputs, targets)):
         diff = _rows(out - ref, batch_mask(ctx, unit, b))
-        total += float(diff.double().pow(2).sum())
-        count += diff.numel()
+        terms.append((float(diff.double().pow(2).sum()), diff.numel()))
+    if ctx.batch_ids is not None:  # every rank's batches, summed in the single process's order
+        terms = distributed.in_batch_order(list(zip(ctx.batch_ids, terms)))
+    for term, n in terms:
+        total += term
+        count += n
     return total / max(count, 1)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...quant import distributed
 from ...quant.calibrate import BlockContext
 from ...quant.modules import QuantLinear, rtn_layer
 from ...quant.primitives import absmax_scale
@@ -61,12 +62,18 @@ def input_statistics(ctx: BlockContext, masks: list[torch.Tensor | None], bits: 
     absmax: dict[str, float] = dict.fromkeys(linears, 0.0)
     errors: dict[str, dict[float, float]] = {n: dict.fromkeys(grid, 0.0) for n in linears}
     current: dict[str, int] = {}
+    ids = ctx.batch_ids
+    parts: list[tuple[int, str, dict[float, float]]] = []  # distributed: each call's errors, by global batch
 
     def hook_for(name: str, second_pass: bool):
         def hook(_m, args):
             x = _masked(args[0].detach(), masks[current["b"]])
             if second_pass:
-                for r, e in act_quant_error(x, absmax[name], bits, grid).items():
+                found = act_quant_error(x, absmax[name], bits, grid)
+                if ids is not None:
+                    parts.append((ids[current["b"]], (name, found)))
+                    return
+                for r, e in found.items():
                     errors[name][r] += e
             else:
                 absmax[name] = max(absmax[name], float(x.abs().max()) if x.numel() else 0.0)
@@ -82,6 +89,12 @@ def input_statistics(ctx: BlockContext, masks: list[torch.Tensor | None], bits: 
         finally:
             for h in handles:
                 h.remove()
+        if ids is not None and not second_pass:  # a max: exact in any order
+            gathered = distributed.all_gather(absmax)
+            absmax = {n: max(g[n] for g in gathered) for n in absmax}
+    for name, found in distributed.in_batch_order(parts) if ids is not None else []:
+        for r, e in found.items():  # every rank's errors, added in the single process's batch order
+            errors[name][r] += e
     return absmax, errors
 
 
@@ -110,11 +123,20 @@ def block_error(ctx: BlockContext, targets: list[torch.Tensor], masks: list[torc
     """The relative error of the block's last output over the calibration set, or its ``batches``
     (see :func:`error_terms`)."""
     num = den = 0.0
+    ids = ctx.batch_ids
+    if ids is None:
+        local = list(range(len(ctx.q_inputs)) if batches is None else batches)
+    else:  # ``batches`` are global indices; this rank scores those it holds
+        local = [i for i, g in enumerate(ids) if batches is None or g in batches]
+    terms = []
     with torch.no_grad():
-        for b in range(len(ctx.q_inputs)) if batches is None else batches:
-            x = ctx.q_inputs[b]
-            n, d = error_terms(ctx.forward(x, b), targets[b], masks[b], token_normalised)
-            num, den = num + float(n), den + float(d)
+        for b in local:
+            n, d = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], token_normalised)
+            terms.append((float(n), float(d)))
+    if ids is not None:  # every rank's terms, added in the single process's batch order
+        terms = distributed.in_batch_order([(ids[b], t) for b, t in zip(local, terms)])
+    for n, d in terms:
+        num, den = num + n, den + d
     return num / max(den, 1e-30)
 
 
@@ -173,7 +195,7 @@ def search_block(ctx: BlockContext, cfg: QVLMConfig, masks: list[torch.Tensor | 
         learned = [sl.log_step for sl in search.values() if sl.log_step is not None]
         learned += [t for group in hooks.param_groups for t in group["params"]]  # e.g. Q-ViT's IRM scales
         at_start = [t.detach().clone() for t in learned]
-        train, held = split_batches(len(ctx.q_inputs), cfg.holdout)
+        train, held = split_batches(ctx.n_batches, cfg.holdout)
         start_held = block_error(ctx, targets, masks, cfg.token_normalised, held) if held else None
         for sl in search.values():
             sl.hard = False
@@ -231,19 +253,30 @@ def _optimise(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear
     with _progress(cfg.progress, label, cfg.iterations) as bar:
         task = bar.add_task(label, total=cfg.iterations)
         for it in range(cfg.iterations):
-            b = train[int(torch.randint(len(train), (1,), generator=gen))]
-            weights = None if hooks.token_weights is None else hooks.token_weights[b]
-            num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised, weights)
-            loss = num / den.clamp_min(1e-30)
-            if hooks.extra_loss is not None:
-                loss = loss + hooks.extra_loss(search, b)
-            if it >= warm:
-                frac = (it - warm) / max(cfg.iterations - warm, 1)
-                beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
-                loss = loss + cfg.round_weight * sum(sl.regularizer(beta) for sl in search.values())
-            if entropy_term is not None:
-                loss = loss + entropy_term(search)
+            b = train[int(torch.randint(len(train), (1,), generator=gen))]  # the same draw on every rank
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if ctx.batch_ids is None or b in ctx.batch_ids:
+                _backward(ctx, cfg, search, targets, masks, entropy_term, hooks, it, warm,
+                          b if ctx.batch_ids is None else ctx.batch_ids.index(b))
+            if ctx.batch_ids is not None:  # the owner's step, taken by every rank
+                distributed.broadcast_grads([p for g in opt.param_groups for p in g["params"]],
+                                            distributed.owner(b, ctx.n_batches))
             opt.step()
             bar.advance(task)
+
+
+def _backward(ctx: BlockContext, cfg: QVLMConfig, search: dict[str, SearchLinear], targets, masks, entropy_term,
+              hooks: SearchHooks, it: int, warm: int, b: int) -> None:
+    """The gradient of iteration ``it``'s loss on (this rank's) batch ``b``."""
+    weights = None if hooks.token_weights is None else hooks.token_weights[b]
+    num, den = error_terms(ctx.forward(ctx.q_inputs[b], b), targets[b], masks[b], cfg.token_normalised, weights)
+    loss = num / den.clamp_min(1e-30)
+    if hooks.extra_loss is not None:
+        loss = loss + hooks.extra_loss(search, b)
+    if it >= warm:
+        frac = (it - warm) / max(cfg.iterations - warm, 1)
+        beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+        loss = loss + cfg.round_weight * sum(sl.regularizer(beta) for sl in search.values())
+    if entropy_term is not None:
+        loss = loss + entropy_term(search)
+    loss.backward()

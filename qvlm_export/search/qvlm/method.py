@@ -22,6 +22,7 @@ import zlib
 
 import torch
 
+from ...quant import distributed
 from ...quant.calibrate import BlockContext, SequentialCalibrator
 from ...quant.recipe import QuantRecipe
 from ..registry import Capabilities, register_method
@@ -89,7 +90,7 @@ class QVLMMethod:
     def block(self, ctx: BlockContext) -> None:
         names = [u.name for u in ctx.units]
         masks = [m.to(ctx.q_inputs[0].device) if (self.masks is not None and uses_mask(ctx.units[0])) else None
-                 for m in (self.masks or [None] * len(ctx.q_inputs))]
+                 for m in (distributed.local_items(ctx.batch_ids, self.masks) if self.masks else [None] * len(ctx.q_inputs))]
         searched = {n for n, _ in ctx.linears()}
         probes = {u.name: first_linear(ctx.root, u) for u in ctx.units if u.kind == "vision"}
         term = None
